@@ -1,0 +1,69 @@
+//! The crate's one error type.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::epoch::Epoch;
+
+/// A type-erased error, as tower uses for middleware errors.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A shared, cloneable error: how the published [`State`](crate::State) carries the last failure.
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in `tower-epoch`.
+///
+/// Errors of the wrapped connection pass through the request path unchanged (boxed, as tower
+/// middleware does); this enum covers the conditions the middleware itself detects. Downcast a
+/// [`BoxError`] to `Error` to tell them apart.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A connect attempt did not finish within the configured connect timeout.
+    #[error("connect attempt timed out after {0:?}")]
+    ConnectTimeout(Duration),
+
+    /// The connector failed to produce a connection (its readiness or its call failed).
+    #[error("connect attempt failed")]
+    Connect(#[source] SharedError),
+
+    /// The installed connection failed: its readiness failed, a response error was classified
+    /// as a connection failure, or a transport reported it.
+    #[error("connection failed")]
+    ConnectionFailed(#[source] SharedError),
+
+    /// No connection is installed and the service was configured to fail fast
+    /// ([`WhenDisconnected::FailFast`](crate::WhenDisconnected::FailFast)).
+    #[error("not connected")]
+    NotConnected,
+
+    /// Reconnecting gave up after the configured number of consecutive failed attempts.
+    #[error("gave up after {attempts} failed connect attempts")]
+    GaveUp {
+        /// How many attempts failed in a row.
+        attempts: u32,
+        /// The error of the last attempt.
+        #[source]
+        last_error: SharedError,
+    },
+
+    /// The driver has stopped (its future was dropped or its runtime shut down), so nothing can
+    /// connect any more.
+    #[error("the reconnect driver has shut down")]
+    Shutdown,
+
+    /// [`Handle::resume`](crate::Handle::resume) was given a token whose epoch is no longer
+    /// current: something else changed the intent after the matching `suspend`.
+    #[error("resume token of epoch {token} is stale (clock at {now})")]
+    StaleResume {
+        /// The epoch the token was issued in.
+        token: Epoch,
+        /// The clock when `resume` was called.
+        now: Epoch,
+    },
+
+    /// [`Handle::resume`](crate::Handle::resume) was given a token issued by another managed
+    /// connection.
+    #[error("resume token belongs to another connection")]
+    ForeignToken,
+}

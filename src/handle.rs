@@ -1,0 +1,184 @@
+//! The [`Handle`]: the controller of one managed connection.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::core::{Core, ResumeToken};
+use crate::epoch::{Epoch, Stamp};
+use crate::error::{BoxError, Error, SharedError};
+use crate::state::{Ledger, State};
+use crate::teardown::CloseCause;
+
+/// A cloneable controller of one managed connection.
+///
+/// Every operation takes effect when it is called, not when a returned future is polled: the
+/// clock ticks, the intent changes and the installed connection is released before the method
+/// returns. The futures it hands back only report completion, and dropping them cancels nothing.
+///
+/// The handle is not generic: store it anywhere. Take it from the layer
+/// ([`ReconnectLayer::handle`](crate::ReconnectLayer::handle)) before the layer disappears into a
+/// `ServiceBuilder` stack, or from the service ([`Reconnect::handle`](crate::Reconnect::handle)).
+///
+/// Handles and services together keep the connection managed: when the last of them is dropped,
+/// the driver closes what is open and ends.
+pub struct Handle {
+    core: Arc<Core>,
+}
+
+impl Handle {
+    pub(crate) fn new(core: Arc<Core>) -> Self {
+        core.add_user();
+        Handle { core }
+    }
+
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Expresses the intent to be connected and starts an attempt at once.
+    ///
+    /// If the connection is already connected, connecting or waiting to retry, this is a no-op
+    /// and the clock does not tick. From any other state (idle, disconnecting, gave up) the clock
+    /// ticks and a new attempt starts, without waiting for a teardown still in flight (rule 6).
+    /// The backoff session and attempt count restart.
+    ///
+    /// Returns the current epoch: the new attempt's, or the active one's for a no-op.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shutdown`] if the driver has stopped.
+    pub fn connect(&self) -> Result<Epoch, Error> {
+        self.core.connect()
+    }
+
+    /// Expresses the intent to be disconnected: ticks the clock and releases the installed
+    /// connection to teardown (pending reconnect timers and in-flight attempts go stale).
+    ///
+    /// The returned future resolves once the teardown of the connection that was installed at
+    /// the call has completed (closed gracefully or cut at the close timeout), even if a newer
+    /// `connect` superseded it. If nothing was installed it resolves at once. Dropping it does
+    /// not cancel the disconnect.
+    pub fn disconnect(&self) -> DisconnectFuture {
+        DisconnectFuture {
+            done: self.core.disconnect(CloseCause::Disconnect).map(|(_, rx)| rx),
+        }
+    }
+
+    /// The browser's `pagehide`: disconnects and returns a single-use token to
+    /// [`resume`](Self::resume) with, but only if the intent was to be connected (connecting,
+    /// connected or waiting to retry). Otherwise it changes nothing and returns `None`.
+    pub fn suspend(&self) -> Option<ResumeToken> {
+        self.core.suspend()
+    }
+
+    /// The browser's `pageshow`: reconnects only if the clock still reads the token's epoch,
+    /// that is if nothing else changed the intent since the matching `suspend`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StaleResume`] when something intervened (then nothing happens),
+    /// [`Error::ForeignToken`] for a token of another connection, [`Error::Shutdown`] if the
+    /// driver has stopped.
+    pub fn resume(&self, token: ResumeToken) -> Result<Epoch, Error> {
+        self.core.resume(token)
+    }
+
+    /// The clock's current epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.core.clock.now()
+    }
+
+    /// Captures the current epoch, to guard an effect of your own (see [`crate::epoch`]).
+    pub fn stamp(&self) -> Stamp {
+        self.core.clock.stamp()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.core.state()
+    }
+
+    /// A level-triggered subscription to state changes.
+    ///
+    /// Wait for a state with [`watch::Receiver::wait_for`], bounded by a timeout of yours:
+    ///
+    /// ```
+    /// # async fn f(handle: tower_epoch::Handle) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut states = handle.subscribe();
+    /// tokio::time::timeout(
+    ///     std::time::Duration::from_secs(5),
+    ///     states.wait_for(|s| s.is_connected()),
+    /// )
+    /// .await??;
+    /// # Ok(()) }
+    /// ```
+    pub fn subscribe(&self) -> watch::Receiver<State> {
+        self.core.subscribe()
+    }
+
+    /// The counters of everything done so far.
+    pub fn ledger(&self) -> Ledger {
+        self.core.ledger()
+    }
+
+    /// Reports a failure of the connection installed at `epoch`, as a transport does when its
+    /// connection drops.
+    ///
+    /// It takes effect only if that connection is still installed (rule 3): then it is released
+    /// to teardown and, the intent being connected, a reconnect is scheduled after the backoff.
+    /// Returns whether it took effect.
+    pub fn report_failure(&self, epoch: Epoch, error: impl Into<BoxError>) -> bool {
+        let error: SharedError = Arc::from(error.into());
+        self.core
+            .report_failure(epoch, Arc::new(Error::ConnectionFailed(error)))
+    }
+
+    /// The installed connection and its epoch, if any.
+    ///
+    /// The connection type must be the one the layer's connector produces; asking for another
+    /// type panics.
+    pub fn connection<C: Clone + Send + 'static>(&self) -> Option<(Epoch, C)> {
+        self.core.installed_conn()
+    }
+}
+
+impl Clone for Handle {
+    fn clone(&self) -> Self {
+        Handle::new(Arc::clone(&self.core))
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.core.remove_user();
+    }
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle").field("core", &self.core).finish()
+    }
+}
+
+/// Future returned by [`Handle::disconnect`]: resolves once the released connection is closed.
+#[derive(Debug)]
+pub struct DisconnectFuture {
+    done: Option<oneshot::Receiver<()>>,
+}
+
+impl Future for DisconnectFuture {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(done) = self.done.as_mut() {
+            // `Err` means the driver stopped and dropped the connection: closed all the same.
+            let _ = std::task::ready!(Pin::new(done).poll(cx));
+            self.done = None;
+        }
+        Poll::Ready(())
+    }
+}

@@ -1,0 +1,74 @@
+//! The request path's response future.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use crate::core::Core;
+use crate::epoch::Epoch;
+use crate::error::{BoxError, Error, SharedError};
+
+use super::service::IsFailure;
+
+pin_project_lite::pin_project! {
+    /// Response future of [`Reconnect`](crate::Reconnect).
+    ///
+    /// Errors of the connection pass through boxed; with a failure predicate configured, an error
+    /// it classifies as a connection failure is reported for the epoch of the connection that
+    /// served the request and returned as [`Error::ConnectionFailed`] with the original as its
+    /// source.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        classify: Option<Classify>,
+    }
+}
+
+pub(crate) struct Classify {
+    pub(crate) core: Arc<Core>,
+    pub(crate) epoch: Epoch,
+    pub(crate) is_failure: IsFailure,
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn new(inner: F, classify: Option<Classify>) -> Self {
+        ResponseFuture { inner, classify }
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        Poll::Ready(match ready!(this.inner.poll(cx)) {
+            Ok(response) => Ok(response),
+            Err(error) => {
+                let error: BoxError = error.into();
+                match this.classify.take() {
+                    Some(c) if (c.is_failure)(&*error) => {
+                        let error: SharedError = Arc::from(error);
+                        let failure = Error::ConnectionFailed(error);
+                        c.core.report_failure(c.epoch, Arc::new(failure.clone()));
+                        Err(Box::new(failure))
+                    }
+                    _ => Err(error),
+                }
+            }
+        })
+    }
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("classify", &self.classify.as_ref().map(|c| c.epoch))
+            .finish_non_exhaustive()
+    }
+}

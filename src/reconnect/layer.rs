@@ -1,0 +1,255 @@
+//! [`ReconnectLayer`]: the configuration, and the `Layer` that applies it to a connector.
+
+use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::retry::backoff::{Backoff, ExponentialBackoffMaker, MakeBackoff};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::backoff::{Sessions, default_backoff};
+use crate::core::{Core, MachineConfig};
+use crate::driver::{Driver, Parts, Timeouts};
+use crate::error::BoxError;
+use crate::handle::Handle;
+use crate::teardown::{DropTeardown, Teardown};
+
+use super::service::{IsFailure, Reconnect, WhenDisconnected};
+
+/// Applies reconnection to a connector: a `Service<Target>` whose response is a connection.
+///
+/// One layer manages one logical connection. Take its [`Handle`] with [`handle`](Self::handle)
+/// before you hand the layer to a `ServiceBuilder`; applying the layer (`Layer::layer`) spawns
+/// the [`Driver`] on the current tokio runtime and returns the [`Reconnect`] service. Use
+/// [`build`](Self::build) instead to get the driver future for another executor.
+///
+/// # Panics
+///
+/// Applying the same layer (or a clone of it) twice panics: create one layer per connection.
+/// `Layer::layer` panics outside a tokio runtime, as `tokio::spawn` does.
+///
+/// # Defaults
+///
+/// | setting | default |
+/// |---|---|
+/// | backoff | [`default_backoff`](crate::backoff::default_backoff): 100 ms doubling to 30 s, 50% jitter |
+/// | attempt limit | none |
+/// | stable period (backoff reset) | 5 s |
+/// | connect timeout | 10 s |
+/// | close timeout | 5 s |
+/// | teardown | [`DropTeardown`] |
+/// | while disconnected | [`WhenDisconnected::Wait`] |
+/// | failure predicate | none: response errors never count as connection failures |
+pub struct ReconnectLayer<T, B = ExponentialBackoffMaker, D = DropTeardown> {
+    core: Arc<Core>,
+    target: Arc<dyn Fn() -> T + Send + Sync>,
+    backoff: B,
+    teardown: D,
+    timeouts: Timeouts,
+    max_attempts: Option<NonZeroU32>,
+    when_disconnected: WhenDisconnected,
+    is_failure: Option<IsFailure>,
+}
+
+impl<T: Clone + Send + Sync + 'static> ReconnectLayer<T> {
+    /// A layer that connects to `target` (a clone of it on every attempt).
+    pub fn new(target: T) -> Self {
+        Self::with_target_fn(move || target.clone())
+    }
+}
+
+impl<T> ReconnectLayer<T> {
+    /// A layer that calls `target` for a fresh target on every attempt, so that a refreshed
+    /// value (an auth token, a re-resolved address) is used by the next reconnect.
+    pub fn with_target_fn<F>(target: F) -> Self
+    where
+        F: Fn() -> T + Send + Sync + 'static,
+    {
+        ReconnectLayer {
+            core: Core::new(),
+            target: Arc::new(target),
+            backoff: default_backoff(),
+            teardown: DropTeardown,
+            timeouts: Timeouts {
+                connect: Duration::from_secs(10),
+                close: Duration::from_secs(5),
+                stable: Duration::from_secs(5),
+            },
+            max_attempts: None,
+            when_disconnected: WhenDisconnected::Wait,
+            is_failure: None,
+        }
+    }
+}
+
+impl<T, B, D> ReconnectLayer<T, B, D> {
+    /// The handle of the connection this layer will manage.
+    ///
+    /// Operations called before the layer is applied are queued and run when the driver starts.
+    pub fn handle(&self) -> Handle {
+        Handle::new(Arc::clone(&self.core))
+    }
+
+    /// Sets the backoff between attempts: any [`MakeBackoff`], such as
+    /// [`Schedule`](crate::backoff::Schedule) or tower's `ExponentialBackoffMaker`.
+    pub fn with_backoff<B2>(self, backoff: B2) -> ReconnectLayer<T, B2, D> {
+        ReconnectLayer {
+            core: self.core,
+            target: self.target,
+            backoff,
+            teardown: self.teardown,
+            timeouts: self.timeouts,
+            max_attempts: self.max_attempts,
+            when_disconnected: self.when_disconnected,
+            is_failure: self.is_failure,
+        }
+    }
+
+    /// Sets how connections are closed (see [`crate::teardown`]).
+    pub fn with_teardown<D2>(self, teardown: D2) -> ReconnectLayer<T, B, D2> {
+        ReconnectLayer {
+            core: self.core,
+            target: self.target,
+            backoff: self.backoff,
+            teardown,
+            timeouts: self.timeouts,
+            max_attempts: self.max_attempts,
+            when_disconnected: self.when_disconnected,
+            is_failure: self.is_failure,
+        }
+    }
+
+    /// Bounds each connect attempt; an attempt still running then fails with
+    /// [`Error::ConnectTimeout`](crate::Error::ConnectTimeout) and goes through backoff.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.timeouts.connect = timeout;
+        self
+    }
+
+    /// Bounds each teardown; a teardown still running then is dropped with its connection.
+    pub fn with_close_timeout(mut self, timeout: Duration) -> Self {
+        self.timeouts.close = timeout;
+        self
+    }
+
+    /// How long a connection must stay installed before the backoff (delay and attempt count)
+    /// resets. Failures before then keep growing the delay.
+    pub fn with_stable_after(mut self, period: Duration) -> Self {
+        self.timeouts.stable = period;
+        self
+    }
+
+    /// Gives up (state [`GaveUp`](crate::State::GaveUp)) after this many attempts in one backoff
+    /// session without the connection becoming stable.
+    pub fn with_max_attempts(mut self, attempts: NonZeroU32) -> Self {
+        self.max_attempts = Some(attempts);
+        self
+    }
+
+    /// What the service does while no connection is installed.
+    pub fn when_disconnected(mut self, policy: WhenDisconnected) -> Self {
+        self.when_disconnected = policy;
+        self
+    }
+
+    /// Classifies response errors: those for which `is_failure` returns true are reported as a
+    /// failure of the connection that served the request (rule 3 applies: a late error from an
+    /// old connection is ignored).
+    pub fn with_failure_predicate<F>(mut self, is_failure: F) -> Self
+    where
+        F: Fn(&(dyn std::error::Error + Send + Sync + 'static)) -> bool + Send + Sync + 'static,
+    {
+        self.is_failure = Some(Arc::new(is_failure));
+        self
+    }
+
+    /// Applies the layer to `make` and returns the service and its driver, for an executor of
+    /// your choice (see [`Driver`]). Nothing happens until the driver is polled.
+    ///
+    /// # Panics
+    ///
+    /// If this layer (or a clone) was already applied.
+    pub fn build<M>(&self, make: M) -> (Reconnect<M::Response>, Driver)
+    where
+        M: Service<T> + Send + 'static,
+        M::Response: Send + 'static,
+        M::Error: Into<BoxError>,
+        M::Future: Send + 'static,
+        T: 'static,
+        B: MakeBackoff + Clone + Send + 'static,
+        B::Backoff: Send,
+        <B::Backoff as Backoff>::Future: Send + 'static,
+        D: Teardown<M::Response> + Clone + Send + 'static,
+        D::Future: Send + 'static,
+    {
+        self.core.claim(MachineConfig {
+            retry: Box::new(Sessions::new(self.backoff.clone())),
+            max_attempts: self.max_attempts,
+        });
+        let service = Reconnect::new(
+            Arc::clone(&self.core),
+            self.when_disconnected,
+            self.is_failure.clone(),
+        );
+        let driver = Driver::new(Parts {
+            core: Arc::clone(&self.core),
+            make,
+            target: Arc::clone(&self.target),
+            teardown: self.teardown.clone(),
+            timeouts: self.timeouts,
+        });
+        (service, driver)
+    }
+}
+
+impl<M, T, B, D> Layer<M> for ReconnectLayer<T, B, D>
+where
+    M: Service<T> + Send + 'static,
+    M::Response: Send + 'static,
+    M::Error: Into<BoxError>,
+    M::Future: Send + 'static,
+    T: 'static,
+    B: MakeBackoff + Clone + Send + 'static,
+    B::Backoff: Send,
+    <B::Backoff as Backoff>::Future: Send + 'static,
+    D: Teardown<M::Response> + Clone + Send + 'static,
+    D::Future: Send + 'static,
+{
+    type Service = Reconnect<M::Response>;
+
+    fn layer(&self, make: M) -> Self::Service {
+        let (service, driver) = self.build(make);
+        tokio::spawn(driver);
+        service
+    }
+}
+
+impl<T, B: Clone, D: Clone> Clone for ReconnectLayer<T, B, D> {
+    fn clone(&self) -> Self {
+        ReconnectLayer {
+            core: Arc::clone(&self.core),
+            target: Arc::clone(&self.target),
+            backoff: self.backoff.clone(),
+            teardown: self.teardown.clone(),
+            timeouts: self.timeouts,
+            max_attempts: self.max_attempts,
+            when_disconnected: self.when_disconnected,
+            is_failure: self.is_failure.clone(),
+        }
+    }
+}
+
+impl<T, B: fmt::Debug, D: fmt::Debug> fmt::Debug for ReconnectLayer<T, B, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReconnectLayer")
+            .field("backoff", &self.backoff)
+            .field("teardown", &self.teardown)
+            .field("timeouts", &self.timeouts)
+            .field("max_attempts", &self.max_attempts)
+            .field("when_disconnected", &self.when_disconnected)
+            .field("failure_predicate", &self.is_failure.is_some())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,194 @@
+//! The [`Reconnect`] service: the request path over the installed connection.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower_service::Service;
+
+use crate::core::{Checkout, Core};
+use crate::epoch::Epoch;
+use crate::error::{BoxError, Error, SharedError};
+use crate::handle::Handle;
+
+use super::future::{Classify, ResponseFuture};
+
+/// A predicate that classifies a response error as a failure of the connection.
+pub(crate) type IsFailure =
+    Arc<dyn Fn(&(dyn std::error::Error + Send + Sync + 'static)) -> bool + Send + Sync>;
+
+/// What [`Reconnect::poll_ready`] does while no connection is installed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WhenDisconnected {
+    /// Stay `Pending` until a connection is installed (the default): requests wait across a
+    /// reconnect or a suspend/resume. Bound the wait with a timeout layer *outside* this one.
+    #[default]
+    Wait,
+    /// Fail at once with [`Error::NotConnected`].
+    FailFast,
+}
+
+/// The request path of a managed connection: a cheap-to-clone `Service<Req>` that forwards to
+/// the installed connection.
+///
+/// # Readiness and errors
+///
+/// - While a connection is installed, `poll_ready` forwards to it. The check that it is still
+///   the installed one is a single atomic load.
+/// - While connecting, waiting to retry, disconnecting or idle, `poll_ready` is `Pending` (the
+///   task is woken when a connection is installed; there is no busy loop), or fails with
+///   [`Error::NotConnected`] under [`WhenDisconnected::FailFast`].
+/// - A failed `poll_ready` of the connection is a failure report for its epoch: the connection
+///   is released to teardown, a reconnect is scheduled, and `poll_ready` goes on waiting. The
+///   error is not returned: `poll_ready` fails only for terminal conditions,
+///   [`Error::GaveUp`] and [`Error::Shutdown`].
+/// - `call` forwards to the connection whose readiness was reserved by `poll_ready`. Calling it
+///   without a successful `poll_ready` first panics. A clone starts un-ready.
+/// - Response errors pass through boxed, unless a failure predicate
+///   ([`ReconnectLayer::with_failure_predicate`](crate::ReconnectLayer::with_failure_predicate))
+///   classifies them as connection failures.
+///
+/// A request admitted just before a `disconnect` completes on the connection it reserved, which
+/// is then closing: teardown should drain (see [`crate::teardown`]).
+pub struct Reconnect<C> {
+    handle: Handle,
+    conn: Option<(Epoch, C)>,
+    ready: bool,
+    waiter: u64,
+    registered: bool,
+    when_disconnected: WhenDisconnected,
+    is_failure: Option<IsFailure>,
+}
+
+impl<C> Reconnect<C> {
+    pub(crate) fn new(
+        core: Arc<Core>,
+        when_disconnected: WhenDisconnected,
+        is_failure: Option<IsFailure>,
+    ) -> Self {
+        Reconnect {
+            waiter: core.next_waiter_id(),
+            handle: Handle::new(core),
+            conn: None,
+            ready: false,
+            registered: false,
+            when_disconnected,
+            is_failure,
+        }
+    }
+
+    /// The handle that controls this connection.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    fn core(&self) -> &Arc<Core> {
+        self.handle.core()
+    }
+
+    fn wait(&mut self, cx: &mut Context<'_>) {
+        self.handle.core().register_waiter(self.waiter, cx);
+        self.registered = true;
+    }
+}
+
+impl<C, Req> Service<Req> for Reconnect<C>
+where
+    C: Service<Req> + Clone + Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<C::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        loop {
+            if let Some((epoch, conn)) = &mut self.conn {
+                if self.handle.core().is_installed(*epoch) {
+                    match conn.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            self.ready = true;
+                            return Poll::Ready(Ok(()));
+                        }
+                        Poll::Ready(Err(error)) => {
+                            let error: SharedError = Arc::from(error.into());
+                            let epoch = *epoch;
+                            self.core()
+                                .report_failure(epoch, Arc::new(Error::ConnectionFailed(error)));
+                        }
+                        Poll::Pending => {
+                            // Also wake on a release, so a task is not left waiting on a
+                            // connection that is no longer installed.
+                            let epoch = *epoch;
+                            self.wait(cx);
+                            // The release may have happened before we registered.
+                            if self.handle.core().is_installed(epoch) {
+                                return Poll::Pending;
+                            }
+                        }
+                    }
+                }
+                self.conn = None;
+            }
+            let fail_fast = self.when_disconnected == WhenDisconnected::FailFast;
+            match self.core().checkout::<C>(self.waiter, cx, fail_fast)? {
+                Checkout::Installed(epoch, conn) => self.conn = Some((epoch, conn)),
+                Checkout::Wait => {
+                    self.registered = true;
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        assert!(
+            std::mem::take(&mut self.ready),
+            "Reconnect::call without readiness: poll_ready must return Ready(Ok(())) before each call"
+        );
+        let (epoch, conn) = self
+            .conn
+            .as_mut()
+            .expect("readiness is only reserved on an installed connection");
+        let classify = self.is_failure.as_ref().map(|is_failure| Classify {
+            core: Arc::clone(self.handle.core()),
+            epoch: *epoch,
+            is_failure: Arc::clone(is_failure),
+        });
+        ResponseFuture::new(conn.call(req), classify)
+    }
+}
+
+impl<C: Clone> Clone for Reconnect<C> {
+    /// A clone shares the managed connection but starts un-ready.
+    fn clone(&self) -> Self {
+        Reconnect {
+            waiter: self.core().next_waiter_id(),
+            handle: self.handle.clone(),
+            conn: self.conn.clone(),
+            ready: false,
+            registered: false,
+            when_disconnected: self.when_disconnected,
+            is_failure: self.is_failure.clone(),
+        }
+    }
+}
+
+impl<C> Drop for Reconnect<C> {
+    fn drop(&mut self) {
+        if self.registered {
+            self.core().forget_waiter(self.waiter);
+        }
+    }
+}
+
+impl<C> fmt::Debug for Reconnect<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reconnect")
+            .field("epoch", &self.conn.as_ref().map(|(e, _)| *e))
+            .field("ready", &self.ready)
+            .field("when_disconnected", &self.when_disconnected)
+            .finish_non_exhaustive()
+    }
+}

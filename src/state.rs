@@ -1,0 +1,173 @@
+//! Observable state: the published [`State`] and the [`Ledger`] of counters.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::epoch::Epoch;
+use crate::error::SharedError;
+
+/// The published state of a managed connection.
+///
+/// Read it with [`Handle::state`](crate::Handle::state) or follow it with
+/// [`Handle::subscribe`](crate::Handle::subscribe) (a level-triggered `tokio::sync::watch`
+/// receiver: a slow reader sees the latest state, not every step).
+///
+/// # Transitions
+///
+/// ```text
+///                 connect / resume
+///   Idle ───────────────────────────────► Connecting{e, n}
+///    ▲  ▲                                  │        │
+///    │  │ teardowns done            current│ok      │current err, n < limit
+///    │  │ (clock unchanged)                ▼        ▼
+///    │ Disconnecting{e} ◄──disconnect── Connected{e}  WaitingToRetry{e, n, delay}
+///    │         │        ◄──suspend────┘   │                 │    ▲
+///    │         │ connect (rule 6)         │ failure of e      │    │ current err
+///    │         └───────► Connecting       └────────────────►─┘    │
+///    │                                      timer of e fires ──► Connecting{e', n+1}
+///    │ disconnect (from any non-terminal state)
+///    └──────────── GaveUp ◄── current err, n = limit;  connect from GaveUp starts afresh
+///                  Shutdown: the driver is gone (terminal, from any state)
+/// ```
+///
+/// `disconnect` and `suspend` go to `Disconnecting` when they released a connection (or while
+/// earlier teardowns are still running) and straight to `Idle` otherwise.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub enum State {
+    /// Disconnected by intent (or never connected) and no teardown in flight.
+    #[default]
+    Idle,
+    /// A connect attempt of this epoch is in flight.
+    Connecting {
+        /// The attempt's epoch.
+        epoch: Epoch,
+        /// 1 for the first attempt after a `connect()`, growing with each automatic retry until
+        /// the backoff resets.
+        attempt: u32,
+    },
+    /// A connection of this epoch is installed.
+    Connected {
+        /// The installed connection's epoch.
+        epoch: Epoch,
+    },
+    /// The last attempt or the installed connection failed; a retry is scheduled.
+    WaitingToRetry {
+        /// The epoch the backoff timer was armed in; the retry happens only if it is still
+        /// current when the timer fires.
+        epoch: Epoch,
+        /// The number of the attempt that will follow.
+        attempt: u32,
+        /// The backoff delay, when the backoff's future is a `tokio::time::Sleep` (as for every
+        /// backoff in this crate and tower's `ExponentialBackoff`); `None` for other timers.
+        delay: Option<Duration>,
+        /// What failed.
+        last_error: SharedError,
+    },
+    /// Disconnected by intent; teardown of a released connection is in flight.
+    Disconnecting {
+        /// The epoch of the `disconnect`/`suspend` that released it.
+        epoch: Epoch,
+    },
+    /// Terminal for the automatic machinery: the configured attempt limit was reached.
+    /// `connect()` starts afresh.
+    GaveUp {
+        /// How many attempts failed in a row.
+        attempts: u32,
+        /// The last attempt's error.
+        last_error: SharedError,
+    },
+    /// Terminal: the driver has stopped.
+    Shutdown,
+}
+
+impl State {
+    /// The epoch the state belongs to, for the states that carry one.
+    pub fn epoch(&self) -> Option<Epoch> {
+        match self {
+            State::Connecting { epoch, .. }
+            | State::Connected { epoch }
+            | State::WaitingToRetry { epoch, .. }
+            | State::Disconnecting { epoch } => Some(*epoch),
+            State::Idle | State::GaveUp { .. } | State::Shutdown => None,
+        }
+    }
+
+    /// Whether a connection is installed.
+    pub fn is_connected(&self) -> bool {
+        matches!(self, State::Connected { .. })
+    }
+
+    /// Whether the intent is to be connected and the machinery is working on it
+    /// (`Connecting`, `Connected` or `WaitingToRetry`).
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self,
+            State::Connecting { .. } | State::Connected { .. } | State::WaitingToRetry { .. }
+        )
+    }
+
+    /// Whether the state is terminal (`GaveUp` or `Shutdown`).
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, State::GaveUp { .. } | State::Shutdown)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            State::Idle => f.write_str("idle"),
+            State::Connecting { epoch, attempt } => {
+                write!(f, "connecting ({epoch}, attempt {attempt})")
+            }
+            State::Connected { epoch } => write!(f, "connected ({epoch})"),
+            State::WaitingToRetry {
+                epoch,
+                attempt,
+                delay,
+                last_error,
+            } => {
+                write!(f, "waiting to retry ({epoch}, attempt {attempt}")?;
+                if let Some(delay) = delay {
+                    write!(f, " in {delay:?}")?;
+                }
+                write!(f, "): {last_error}")
+            }
+            State::Disconnecting { epoch } => write!(f, "disconnecting ({epoch})"),
+            State::GaveUp { attempts, .. } => write!(f, "gave up after {attempts} attempts"),
+            State::Shutdown => f.write_str("shut down"),
+        }
+    }
+}
+
+/// Counters of everything the middleware did, read with [`Handle::ledger`](crate::Handle::ledger).
+///
+/// At quiescence (no attempt, timer or teardown in flight) the books balance:
+/// `opened == installed + discarded` and `closed == opened - (1 if a connection is installed)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Ledger {
+    /// Connect attempts started (the connector was called).
+    pub attempts: u64,
+    /// Attempts that produced a connection.
+    pub opened: u64,
+    /// Connections installed (their attempt's epoch was still current).
+    pub installed: u64,
+    /// Connections discarded because their attempt's epoch went stale (rule 1).
+    pub discarded: u64,
+    /// Teardowns completed, whether gracefully or cut at the close timeout.
+    pub closed: u64,
+    /// Teardowns cut at the close timeout (the connection was dropped).
+    pub close_timeouts: u64,
+    /// Current failures: failed attempts and failures of the installed connection.
+    pub failures: u64,
+    /// Stale events ignored: late failure reports, timers and attempt errors of old epochs.
+    pub ignored: u64,
+}
+
+impl Ledger {
+    /// Teardowns in flight: connections opened and no longer installed, not yet closed.
+    pub fn closing(&self, installed_now: bool) -> u64 {
+        self.opened - self.closed - u64::from(installed_now)
+    }
+}

@@ -1,0 +1,92 @@
+//! Graceful teardown of connections.
+//!
+//! Every connection that leaves the slot (disconnect, suspend, failure, shutdown) or is never
+//! installed (a stale attempt, rule 1) goes through the configured [`Teardown`] exactly once.
+//! The driver bounds each teardown with the close timeout: a teardown still running then is
+//! dropped, and with it the connection it owns.
+//!
+//! The default, [`DropTeardown`], drops the connection: right for connections whose `Drop`
+//! releases everything (most tower services). Anything that must drain or say goodbye (a
+//! WebSocket Close frame, an HTTP/2 GOAWAY) implements `Teardown` or passes a closure:
+//!
+//! ```
+//! use tower_epoch::{ReconnectLayer, teardown::CloseCause};
+//!
+//! # #[derive(Clone)] struct Conn;
+//! # impl Conn { async fn goodbye(self, _why: &str) {} }
+//! let layer = ReconnectLayer::new("127.0.0.1:7000").with_teardown(
+//!     |conn: Conn, cause: CloseCause| async move {
+//!         let why = if cause == CloseCause::Disconnect { "bye" } else { "going away" };
+//!         conn.goodbye(why).await
+//!     },
+//! );
+//! # drop(layer);
+//! ```
+
+use std::fmt;
+use std::future::{Future, Ready, ready};
+
+/// Why a connection is being torn down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseCause {
+    /// [`Handle::disconnect`](crate::Handle::disconnect) released it.
+    Disconnect,
+    /// [`Handle::suspend`](crate::Handle::suspend) released it.
+    Suspend,
+    /// It failed while installed; a reconnect follows.
+    Failed,
+    /// Its attempt's epoch went stale before it completed: it was never installed (rule 1).
+    Stale,
+    /// Every handle and service is gone; the driver is closing what is open.
+    Shutdown,
+}
+
+impl fmt::Display for CloseCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CloseCause::Disconnect => "disconnect",
+            CloseCause::Suspend => "suspend",
+            CloseCause::Failed => "failed",
+            CloseCause::Stale => "stale",
+            CloseCause::Shutdown => "shutdown",
+        })
+    }
+}
+
+/// Closes a connection of type `C`.
+///
+/// Implemented for `FnMut(C, CloseCause) -> impl Future<Output = ()>` closures.
+pub trait Teardown<C> {
+    /// The close in progress.
+    type Future: Future<Output = ()>;
+
+    /// Starts closing `conn`. The returned future owns the connection; dropping it (as the
+    /// close timeout does) must release the connection.
+    fn teardown(&mut self, conn: C, cause: CloseCause) -> Self::Future;
+}
+
+impl<C, F, Fut> Teardown<C> for F
+where
+    F: FnMut(C, CloseCause) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    type Future = Fut;
+
+    fn teardown(&mut self, conn: C, cause: CloseCause) -> Fut {
+        self(conn, cause)
+    }
+}
+
+/// The default teardown: drops the connection.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DropTeardown;
+
+impl<C> Teardown<C> for DropTeardown {
+    type Future = Ready<()>;
+
+    fn teardown(&mut self, conn: C, _cause: CloseCause) -> Ready<()> {
+        drop(conn);
+        ready(())
+    }
+}
