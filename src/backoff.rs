@@ -73,16 +73,18 @@ impl Schedule {
 
     /// Phoenix's `reconnectAfterMs`: 10, 50, 100, 150, 200, 250, 500 ms, 1 s, 2 s, then 5 s.
     pub fn phoenix() -> Self {
-        Self::new(
-            [10, 50, 100, 150, 200, 250, 500, 1000, 2000, 5000].map(Duration::from_millis),
-        )
-        .expect("non-empty")
+        Self::new([10, 50, 100, 150, 200, 250, 500, 1000, 2000, 5000].map(Duration::from_millis))
+            .expect("non-empty")
     }
 
     /// Adds up to `ratio` × the delay of random jitter to each delay (`ratio` is clamped to
     /// `0.0..=1.0`; NaN means no jitter).
     pub fn with_jitter(mut self, ratio: f64) -> Self {
-        self.jitter = if ratio.is_nan() { 0.0 } else { ratio.clamp(0.0, 1.0) };
+        self.jitter = if ratio.is_nan() {
+            0.0
+        } else {
+            ratio.clamp(0.0, 1.0)
+        };
         self
     }
 

@@ -202,7 +202,9 @@ impl Core {
 
     pub(crate) fn installed_conn<C: Clone + 'static>(&self) -> Option<(Epoch, C)> {
         let m = self.lock();
-        m.slot.as_ref().map(|(e, c)| (*e, downcast_ref::<C>(c).clone()))
+        m.slot
+            .as_ref()
+            .map(|(e, c)| (*e, downcast_ref::<C>(c).clone()))
     }
 
     // ----- handle operations -----
@@ -472,7 +474,11 @@ impl Core {
     }
 
     /// Disconnect and suspend: tick, release the slot to teardown.
-    fn release(&self, m: &mut Machine, cause: CloseCause) -> Option<(Epoch, oneshot::Receiver<()>)> {
+    fn release(
+        &self,
+        m: &mut Machine,
+        cause: CloseCause,
+    ) -> Option<(Epoch, oneshot::Receiver<()>)> {
         let epoch = self.clock.tick();
         let released = m.slot.take();
         self.installed.store(0, Ordering::Release);

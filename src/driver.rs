@@ -36,6 +36,9 @@ use crate::teardown::Teardown;
 #[must_use = "the driver does nothing unless polled or spawned"]
 pub struct Driver {
     inner: Pin<Box<dyn Future<Output = ()> + Send>>,
+    // Dropped after `inner`: marks the connection shut down however the driver ends
+    // (completion, drop before or while running, panic).
+    _stop: StopGuard,
 }
 
 impl fmt::Debug for Driver {
@@ -80,12 +83,13 @@ impl Driver {
         D::Future: Send + 'static,
     {
         Driver {
+            _stop: StopGuard(Arc::clone(&parts.core)),
             inner: Box::pin(run(parts)),
         }
     }
 }
 
-/// Marks the connection shut down however the driver ends (completion, drop, panic).
+/// Marks the connection shut down when dropped.
 struct StopGuard(Arc<Core>);
 
 impl Drop for StopGuard {
@@ -113,7 +117,6 @@ where
         mut teardown,
         timeouts,
     } = parts;
-    let _stop = StopGuard(Arc::clone(&core));
 
     let mut attempts: FuturesUnordered<Boxed<(Epoch, Result<M::Response, Error>)>> =
         FuturesUnordered::new();

@@ -240,7 +240,11 @@ impl<T> fmt::Debug for Stale<T> {
 
 impl<T> fmt::Display for Stale<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "effect of epoch {} went stale (clock at {})", self.epoch, self.now)
+        write!(
+            f,
+            "effect of epoch {} went stale (clock at {})",
+            self.epoch, self.now
+        )
     }
 }
 

@@ -64,7 +64,10 @@ impl Handle {
     /// not cancel the disconnect.
     pub fn disconnect(&self) -> DisconnectFuture {
         DisconnectFuture {
-            done: self.core.disconnect(CloseCause::Disconnect).map(|(_, rx)| rx),
+            done: self
+                .core
+                .disconnect(CloseCause::Disconnect)
+                .map(|(_, rx)| rx),
         }
     }
 

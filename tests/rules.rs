@@ -87,12 +87,22 @@ async fn rule_2_a_hung_close_is_cut_and_the_transport_dropped() {
     let closed = handle.disconnect();
     advance(1999 * MS).await;
     assert!(matches!(handle.state(), State::Disconnecting { .. }));
-    assert_eq!(ledger.book().dropped.get(&1), None, "still held by the teardown");
+    assert_eq!(
+        ledger.book().dropped.get(&1),
+        None,
+        "still held by the teardown"
+    );
     advance(MS).await;
-    tokio::time::timeout(MS, closed).await.expect("resolved at the close timeout");
+    tokio::time::timeout(MS, closed)
+        .await
+        .expect("resolved at the close timeout");
     let l = handle.ledger();
     assert_eq!((l.closed, l.close_timeouts), (1, 1));
-    assert_eq!(ledger.book().dropped.get(&1), Some(&1), "the transport was dropped");
+    assert_eq!(
+        ledger.book().dropped.get(&1),
+        Some(&1),
+        "the transport was dropped"
+    );
     assert!(matches!(handle.state(), State::Idle));
 }
 
@@ -141,13 +151,21 @@ async fn rule_4_stale_timers_do_nothing() {
     settle().await;
     assert!(matches!(
         handle.state(),
-        State::WaitingToRetry { attempt: 2, delay: Some(BACKOFF), .. }
+        State::WaitingToRetry {
+            attempt: 2,
+            delay: Some(BACKOFF),
+            ..
+        }
     ));
     // Disconnect while the backoff timer still runs: its epoch goes stale.
     advance(50 * MS).await;
     drop(handle.disconnect());
     advance(Duration::from_secs(5)).await;
-    assert_eq!(handle.ledger().attempts, 1, "the stale timer started nothing");
+    assert_eq!(
+        handle.ledger().attempts,
+        1,
+        "the stale timer started nothing"
+    );
     assert!(matches!(handle.state(), State::Idle));
 
     // Same with a new connect during the backoff: one new attempt, not two.

@@ -44,7 +44,11 @@ async fn p1_connect_twice_is_idempotent() {
     let second = handle.connect().unwrap();
     assert_eq!(first, second, "the second connect does not tick");
     settle().await;
-    assert_eq!(handle.connect().unwrap(), first, "nor does a connect while connected");
+    assert_eq!(
+        handle.connect().unwrap(),
+        first,
+        "nor does a connect while connected"
+    );
     assert_eq!(handle.epoch().get(), 1);
     assert_eq!(handle.ledger().attempts, 1);
     assert_eq!(ledger.opened(), vec![1]);
@@ -87,7 +91,10 @@ async fn p3_disconnect_closes_with_the_configured_reason_and_resolves_once_after
     assert!(matches!(handle.state(), State::Disconnecting { .. }));
     advance(MS).await;
     assert!(closed.is_ready(), "resolved once the close completed");
-    assert_eq!(*reasons.lock().unwrap(), vec![(1, "bye", CloseCause::Disconnect)]);
+    assert_eq!(
+        *reasons.lock().unwrap(),
+        vec![(1, "bye", CloseCause::Disconnect)]
+    );
     assert!(matches!(handle.state(), State::Idle));
     assert_eq!(handle.ledger().closed, 1);
 }
@@ -103,10 +110,20 @@ async fn p4_connect_during_a_slow_close() {
         settle().await;
         assert!(closed.is_pending(), "at {at:?}");
         advance(SLOW_CLOSE).await;
-        assert!(closed.is_ready(), "the disconnect future resolved (at {at:?})");
-        assert_eq!(ledger.open_ids(), vec![2], "only the new one is open (at {at:?})");
+        assert!(
+            closed.is_ready(),
+            "the disconnect future resolved (at {at:?})"
+        );
+        assert_eq!(
+            ledger.open_ids(),
+            vec![2],
+            "only the new one is open (at {at:?})"
+        );
         assert_eq!(ledger.closes(1), 1, "the old one ended closed (at {at:?})");
-        assert_eq!(handle.connection::<Conn>().map(|(e, c)| (e, c.id)), Some((epoch, 2)));
+        assert_eq!(
+            handle.connection::<Conn>().map(|(e, c)| (e, c.id)),
+            Some((epoch, 2))
+        );
         assert!(handle.state().is_connected());
     }
 }
@@ -120,8 +137,14 @@ async fn p5_second_disconnect_during_a_slow_close() {
         advance(at).await;
         let mut second = tokio_test_task(handle.disconnect());
         advance(SLOW_CLOSE).await;
-        assert!(first.is_ready() && second.is_ready(), "both resolved (at {at:?})");
-        assert!(ledger.open_ids().is_empty(), "nothing left open (at {at:?})");
+        assert!(
+            first.is_ready() && second.is_ready(),
+            "both resolved (at {at:?})"
+        );
+        assert!(
+            ledger.open_ids().is_empty(),
+            "nothing left open (at {at:?})"
+        );
         assert!(handle.connection::<Conn>().is_none());
         assert!(matches!(handle.state(), State::Idle), "at {at:?}");
         ledger.assert_closed_at_most_once();
@@ -142,7 +165,11 @@ async fn p6_disconnect_then_connect_twice_in_a_row_during_a_slow_close() {
         let open = ledger.open_ids();
         assert_eq!(open.len(), 1, "exactly one installed (at {at:?}): {open:?}");
         let (epoch, conn) = handle.connection::<Conn>().unwrap();
-        assert_eq!((epoch, vec![conn.id]), (last, open), "and it is the reported one");
+        assert_eq!(
+            (epoch, vec![conn.id]),
+            (last, open),
+            "and it is the reported one"
+        );
         ledger.assert_closed_at_most_once();
     }
 }
@@ -282,7 +309,11 @@ async fn p12_suspend_then_resume_during_the_teardown() {
         advance(at).await;
         let epoch = handle.resume(token).unwrap();
         settle().await;
-        assert_eq!(ledger.closes(1), 0, "the old teardown is still in flight (at {at:?})");
+        assert_eq!(
+            ledger.closes(1),
+            0,
+            "the old teardown is still in flight (at {at:?})"
+        );
         quiesce(&handle, &ledger).await;
         assert_eq!(ledger.open_ids(), vec![2], "exactly one open (at {at:?})");
         assert!(matches!(handle.state(), State::Connected { epoch: e } if e == epoch));
@@ -299,7 +330,10 @@ async fn p13_suspend_disconnect_resume_does_not_reconnect() {
         drop(handle.disconnect());
         assert!(handle.resume(token).is_err(), "at {at:?}");
         quiesce(&handle, &ledger).await;
-        assert!(ledger.open_ids().is_empty(), "nothing installed (at {at:?})");
+        assert!(
+            ledger.open_ids().is_empty(),
+            "nothing installed (at {at:?})"
+        );
         assert_eq!(handle.ledger().attempts, 1);
         assert!(matches!(handle.state(), State::Idle));
     }

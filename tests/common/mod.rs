@@ -41,6 +41,8 @@ pub struct Book {
     pub teardowns: Vec<(u64, CloseCause)>,
     /// Connections dropped (every clone gone).
     pub dropped: BTreeMap<u64, u32>,
+    /// Teardowns cut before they completed (the close timeout dropped them).
+    pub cut: BTreeMap<u64, u32>,
     /// Requests served: (connection, request).
     pub served: Vec<(u64, u32)>,
     /// Targets seen by attempts, in order.
@@ -50,6 +52,14 @@ pub struct Book {
     close_script: VecDeque<Close>,
     default_close: Option<Close>,
     next: u64,
+}
+
+impl Book {
+    /// Forgets scripted attempts and closes that have not happened yet.
+    pub fn clear_scripts(&mut self) {
+        self.script.clear();
+        self.close_script.clear();
+    }
 }
 
 /// Shared, inspectable book of everything the connector and teardown did.
@@ -96,19 +106,34 @@ impl Ledger {
         self.book().closes.get(&id).copied().unwrap_or(0)
     }
 
+    /// Connections opened and neither closed nor cut.
     pub fn open_ids(&self) -> Vec<u64> {
         let book = self.book();
         book.opened
             .keys()
             .copied()
-            .filter(|id| !book.closes.contains_key(id))
+            .filter(|id| !book.closes.contains_key(id) && !book.cut.contains_key(id))
             .collect()
     }
 
-    /// Panics if any connection was closed more than once.
+    /// Connections opened whose teardown has not started.
+    pub fn untouched_ids(&self) -> Vec<u64> {
+        let book = self.book();
+        book.opened
+            .keys()
+            .copied()
+            .filter(|id| !book.teardowns.iter().any(|(t, _)| t == id))
+            .collect()
+    }
+
+    /// Panics if any connection was closed (or cut) more than once, or torn down twice.
     pub fn assert_closed_at_most_once(&self) {
-        for (id, n) in &self.book().closes {
-            assert!(*n <= 1, "connection {id} closed {n} times");
+        let book = self.book();
+        for id in book.opened.keys() {
+            let n = book.closes.get(id).unwrap_or(&0) + book.cut.get(id).unwrap_or(&0);
+            assert!(n <= 1, "connection {id} closed {n} times");
+            let t = book.teardowns.iter().filter(|(t, _)| t == id).count();
+            assert!(t <= 1, "connection {id} torn down {t} times");
         }
     }
 
@@ -273,18 +298,40 @@ impl tower_epoch::teardown::Teardown<Conn> for LedgerTeardown {
                 .or(book.default_close)
                 .unwrap_or(Close::After(Duration::ZERO))
         };
+        let guard = CutGuard {
+            id: conn.id,
+            ledger: ledger.clone(),
+            done: false,
+        };
         Box::pin(async move {
+            let mut guard = guard;
             match close {
                 Close::After(delay) => {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
                     *ledger.book().closes.entry(conn.id).or_default() += 1;
+                    guard.done = true;
                 }
                 Close::Hang => std::future::pending().await,
             }
             drop(conn);
         })
+    }
+}
+
+/// Records a teardown dropped before it completed.
+struct CutGuard {
+    id: u64,
+    ledger: Ledger,
+    done: bool,
+}
+
+impl Drop for CutGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            *self.ledger.book().cut.entry(self.id).or_default() += 1;
+        }
     }
 }
 
@@ -348,7 +395,9 @@ pub async fn quiesce(handle: &Handle, ledger: &Ledger) {
             State::Idle | State::Connected { .. } | State::GaveUp { .. }
         );
         let installed = u64::from(state.is_connected());
-        if settled && l.opened == l.closed + installed && ledger.book().opened.len() as u64 == l.opened
+        if settled
+            && l.opened == l.closed + installed
+            && ledger.book().opened.len() as u64 == l.opened
         {
             return;
         }
