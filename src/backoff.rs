@@ -12,7 +12,6 @@
 //!   `reconnectAfterMs`, with optional jitter ([`Schedule::phoenix`] is Phoenix's own list).
 //!
 //! ```
-//! use std::time::Duration;
 //! use tower_epoch::{ReconnectLayer, backoff::Schedule};
 //!
 //! let layer = ReconnectLayer::new("ws://127.0.0.1:4000/socket")

@@ -13,7 +13,7 @@ use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Waker};
 
 use tokio::sync::{Notify, oneshot, watch};
@@ -76,6 +76,8 @@ pub(crate) struct Core {
     users: AtomicUsize,
     claimed: AtomicBool,
     next_waiter: AtomicU64,
+    /// The driver's runtime: backoff timers are made in it, whichever thread reports a failure.
+    runtime: OnceLock<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for Core {
@@ -136,6 +138,7 @@ impl Core {
             users: AtomicUsize::new(0),
             claimed: AtomicBool::new(false),
             next_waiter: AtomicU64::new(1),
+            runtime: OnceLock::new(),
         })
     }
 
@@ -155,6 +158,11 @@ impl Core {
         let mut m = self.lock();
         m.retry = Some(config.retry);
         m.max_attempts = config.max_attempts;
+    }
+
+    /// Called by the driver when it starts: the runtime its timers live in.
+    pub(crate) fn set_runtime(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.runtime.set(runtime);
     }
 
     // ----- users and liveness -----
@@ -536,6 +544,8 @@ impl Core {
                 return;
             }
         }
+        // A failure may be reported from any thread: make the timer in the driver's runtime.
+        let _runtime = self.runtime.get().map(|rt| rt.enter());
         let (timer, delay) = m
             .retry
             .as_mut()

@@ -117,6 +117,9 @@ where
         mut teardown,
         timeouts,
     } = parts;
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        core.set_runtime(runtime);
+    }
 
     let mut attempts: FuturesUnordered<Boxed<(Epoch, Result<M::Response, Error>)>> =
         FuturesUnordered::new();

@@ -110,6 +110,7 @@ impl Handle {
     /// Wait for a state with [`watch::Receiver::wait_for`], bounded by a timeout of yours:
     ///
     /// ```
+    /// # #[allow(dead_code)]
     /// # async fn f(handle: tower_epoch::Handle) -> Result<(), Box<dyn std::error::Error>> {
     /// let mut states = handle.subscribe();
     /// tokio::time::timeout(

@@ -1,4 +1,113 @@
-//! Epoch-guarded reconnection middleware for tower.
+//! Epoch-guarded reconnection middleware for tower: one logical connection that comes back after
+//! it drops, and that no slow teardown, late error or stale timer can ever undo.
+//!
+//! # Overview
+//!
+//! [`ReconnectLayer`] wraps any connector (a `Service<Target>` whose response is a connection)
+//! and manages one logical connection with it:
+//!
+//! - a [`Handle`] to [`connect`](Handle::connect), [`disconnect`](Handle::disconnect) (awaitable
+//!   until the close completed), [`suspend`](Handle::suspend) and [`resume`](Handle::resume) (the
+//!   browser's `pagehide`/`pageshow`), and to observe the [`State`] and a [`Ledger`] of counters;
+//! - automatic reconnect with [backoff] after a failure, reset only once a
+//!   connection has stayed up for a stable period, with an optional attempt limit;
+//! - connect and close timeouts, and a pluggable graceful [teardown];
+//! - when the connection is itself a `Service<Req>`, the [`Reconnect`] service: a cheap-to-clone
+//!   request path whose readiness follows the connection.
+//!
+//! Every operation is tagged with an [`Epoch`] of a per-connection [clock](crate::epoch::Clock).
+//! This is the `connectClock` of the Phoenix JavaScript client made into a reusable guard: a
+//! connect attempt, teardown, backoff timer or failure report started in one epoch can never
+//! damage the connection of a newer one.
+//!
+//! # The epoch protocol
+//!
+//! The clock ticks on every intent change and every new transport attempt: a `connect()` that
+//! starts an attempt, every automatic reconnect attempt, `disconnect()`, and a `suspend()` that
+//! acts. A `connect()` that finds the connection connected, connecting or waiting to retry is a
+//! no-op and does not tick. Each rule below is a test of the same name in `tests/rules.rs`.
+//!
+//! 1. **A stale connect is closed, never installed.** An attempt that completes after the
+//!    clock moved hands its connection to teardown ([`Ledger::discarded`]).
+//! 2. **Teardown always releases, and only touches its own.** Every connection that is not
+//!    installed goes through teardown exactly once, bounded by the close timeout; a teardown
+//!    changes the published state only if nothing happened since the disconnect that released
+//!    its connection.
+//! 3. **Stale events are ignored.** A failure report of epoch `e` has an effect only if the
+//!    connection of epoch `e` is installed ([`Handle::report_failure`]).
+//! 4. **Stale timers do nothing.** A backoff timer starts an attempt only if the clock still
+//!    reads the epoch it was armed in.
+//! 5. **Suspend / resume.** [`Handle::suspend`] disconnects and returns a single-use
+//!    [`ResumeToken`] only if the intent was to be connected; [`Handle::resume`] reconnects only
+//!    if the clock still reads the token's epoch.
+//! 6. **Connect while closing is allowed.** A `connect()` during a teardown starts an attempt at
+//!    once; at most one connection is ever installed, several may be closing.
+//! 7. **Last intent wins.** At quiescence, the last intent holds and everything else is closed.
+//! 8. **A deliberate disconnect never triggers a reconnect.**
+//!
+//! ## How the guarantees are kept
+//!
+//! Every transition happens synchronously under one mutex at the moment the operation is
+//! called: `disconnect()` has released the installed connection before it returns. A background
+//! [`Driver`] performs the I/O that transitions ask for (attempts, teardowns, timers) and reports
+//! each outcome back through the same transitions, which compare its epoch with the clock. The
+//! request path checks that its cached connection is still the installed one with a single
+//! atomic load.
+//!
+//! Where this differs from the letter of Phoenix: the installed slot is released when
+//! `disconnect()` is called rather than when the asynchronous close finishes, so a teardown
+//! never has a slot to clear, only the published state (`Disconnecting` → `Idle`), which it
+//! changes only when nothing happened since. Phoenix's #6103 (a connect ignored because the
+//! slot was not yet cleared) cannot happen by construction.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::time::Duration;
+//! use tower::{ServiceBuilder, ServiceExt, Service, service_fn};
+//! use tower_epoch::ReconnectLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_epoch::BoxError> {
+//! // A connector: given a target, produce a connection (here an in-memory echo service).
+//! let connector = service_fn(|addr: &'static str| async move {
+//!     let conn = service_fn(move |msg: String| async move { Ok::<_, Infallible>(format!("{addr} says {msg}")) });
+//!     Ok::<_, Infallible>(conn)
+//! });
+//!
+//! let reconnect = ReconnectLayer::new("echo-1").with_connect_timeout(Duration::from_secs(5));
+//! let handle = reconnect.handle(); // take it before the layer disappears into the stack
+//! let mut svc = ServiceBuilder::new()
+//!     .timeout(Duration::from_secs(10)) // outside: bounds the wait for a connection too
+//!     .layer(reconnect)
+//!     .service(connector);
+//!
+//! handle.connect()?;
+//! let reply = svc.ready().await?.call("hi".to_string()).await?;
+//! assert_eq!(reply, "echo-1 says hi");
+//!
+//! handle.disconnect().await; // resolves once the connection is closed
+//! assert!(matches!(handle.state(), tower_epoch::State::Idle));
+//! # Ok(()) }
+//! ```
+//!
+//! # Where the layer sits in a stack
+//!
+//! `ServiceBuilder` applies layers outside-in: the first one listed is the outermost. Put a
+//! timeout *outside* `ReconnectLayer` so that a request waiting for a reconnect is bounded, and
+//! per-request layers (retry, concurrency limits) outside too. Layers listed after
+//! `ReconnectLayer` wrap the *connector*, not the connection.
+//!
+//! # Features
+//!
+//! | feature | default | what |
+//! |---|---|---|
+//! | `ws` | yes | reserved for the WebSocket transport over tokio-tungstenite |
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.85 (edition 2024).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 

@@ -14,24 +14,21 @@ use crate::error::SharedError;
 ///
 /// # Transitions
 ///
-/// ```text
-///                 connect / resume
-///   Idle ───────────────────────────────► Connecting{e, n}
-///    ▲  ▲                                  │        │
-///    │  │ teardowns done            current│ok      │current err, n < limit
-///    │  │ (clock unchanged)                ▼        ▼
-///    │ Disconnecting{e} ◄──disconnect── Connected{e}  WaitingToRetry{e, n, delay}
-///    │         │        ◄──suspend────┘   │                 │    ▲
-///    │         │ connect (rule 6)         │ failure of e      │    │ current err
-///    │         └───────► Connecting       └────────────────►─┘    │
-///    │                                      timer of e fires ──► Connecting{e', n+1}
-///    │ disconnect (from any non-terminal state)
-///    └──────────── GaveUp ◄── current err, n = limit;  connect from GaveUp starts afresh
-///                  Shutdown: the driver is gone (terminal, from any state)
-/// ```
+/// | from | event | to |
+/// |---|---|---|
+/// | `Idle`, `Disconnecting`, `GaveUp` | `connect()`, valid `resume(token)` | `Connecting { e', 1 }` (tick) |
+/// | `Connecting { e, n }` | attempt of `e` succeeds | `Connected { e }` |
+/// | `Connecting { e, n }` | attempt of `e` fails, limit not reached | `WaitingToRetry { e, n + 1, .. }` |
+/// | `Connecting { e, n }` | attempt of `e` fails, `n` = limit | `GaveUp { n, .. }` |
+/// | `Connected { e }` | failure of `e` reported | `WaitingToRetry { e, n + 1, .. }` (or `GaveUp`) |
+/// | `WaitingToRetry { e, n, .. }` | timer of `e` fires, clock still `e` | `Connecting { e', n }` (tick) |
+/// | any but `Shutdown` | `disconnect()`, or `suspend()` when active | `Disconnecting { e' }` if a teardown is in flight, else `Idle` (tick) |
+/// | `Disconnecting { e }` | last teardown completes, clock still `e` | `Idle` |
+/// | any | the driver stops | `Shutdown` |
 ///
-/// `disconnect` and `suspend` go to `Disconnecting` when they released a connection (or while
-/// earlier teardowns are still running) and straight to `Idle` otherwise.
+/// `Connecting`, `Connected` and `WaitingToRetry` are the *active* states: the intent is to be
+/// connected, and `connect()` is a no-op in them. Events of an older epoch (a late attempt, a
+/// late failure report, a stale timer) change nothing.
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub enum State {
@@ -168,6 +165,8 @@ pub struct Ledger {
 impl Ledger {
     /// Teardowns in flight: connections opened and no longer installed, not yet closed.
     pub fn closing(&self, installed_now: bool) -> u64 {
-        self.opened - self.closed - u64::from(installed_now)
+        self.opened
+            .saturating_sub(self.closed)
+            .saturating_sub(u64::from(installed_now))
     }
 }

@@ -277,3 +277,20 @@ async fn applying_one_layer_twice_panics() {
     let _first = layer.layer(connector(conn.clone(), vec![]));
     let _second = layer.layer(connector(conn, vec![]));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_can_be_reported_from_a_thread_outside_the_runtime() {
+    let (_svc, handle, _inner) = connected().await;
+    let epoch = handle.epoch();
+    let reporter = handle.clone();
+    let took_effect = std::thread::spawn(move || reporter.report_failure(epoch, "reset"))
+        .join()
+        .expect("no runtime needed to report");
+    assert!(took_effect);
+    assert!(matches!(
+        handle.state(),
+        State::WaitingToRetry { delay: Some(d), .. } if d == Duration::from_millis(100)
+    ));
+    common::advance(Duration::from_millis(100)).await;
+    assert!(handle.state().is_connected());
+}
