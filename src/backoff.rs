@@ -166,13 +166,15 @@ where
             .session
             .get_or_insert_with(|| make.make_backoff())
             .next_backoff();
-        // Every backoff in this crate and tower's own are `Sleep`s: read their deadline.
+        // Every backoff in this crate and tower's own are `Sleep`s: read their deadline, to the
+        // millisecond (the resolution of tokio's timers; it hides the time spent since `now`).
         let delay = (&timer as &dyn Any)
             .downcast_ref::<tokio::time::Sleep>()
             .map(|sleep| {
-                sleep
+                let left = sleep
                     .deadline()
-                    .saturating_duration_since(tokio::time::Instant::now())
+                    .saturating_duration_since(tokio::time::Instant::now());
+                Duration::from_millis((left.as_micros() as u64).div_ceil(1000))
             });
         (Box::pin(timer), delay)
     }

@@ -300,6 +300,20 @@ impl Core {
         }
     }
 
+    /// The peer ended the connection installed at `epoch` normally: release it, no reconnect.
+    pub(crate) fn report_closed(&self, epoch: Epoch) -> bool {
+        let mut m = self.lock();
+        if m.slot.as_ref().is_some_and(|(e, _)| *e == epoch) {
+            tracing::debug!(%epoch, "installed connection ended by the peer");
+            self.release(&mut m, CloseCause::Ended);
+            true
+        } else {
+            m.ledger.ignored += 1;
+            tracing::debug!(%epoch, now = %self.clock.now(), "stale close report ignored");
+            false
+        }
+    }
+
     // ----- request path -----
 
     pub(crate) fn checkout<C: Clone + 'static>(
@@ -368,7 +382,8 @@ impl Core {
         }
     }
 
-    pub(crate) fn attempt_done(&self, epoch: Epoch, outcome: Result<AnyConn, Error>) {
+    /// Returns whether the connection was installed.
+    pub(crate) fn attempt_done(&self, epoch: Epoch, outcome: Result<AnyConn, Error>) -> bool {
         let mut m = self.lock();
         let current = self.clock.is_current(epoch);
         match outcome {
@@ -380,6 +395,7 @@ impl Core {
                 m.effects.push_back(Effect::Stable { epoch });
                 self.set_state(&mut m, State::Connected { epoch });
                 Self::wake_waiters(&mut m);
+                return true;
             }
             Ok(conn) => {
                 // Rule 1: a stale connect is closed, never installed.
@@ -398,6 +414,7 @@ impl Core {
                 tracing::debug!(%epoch, %error, "stale attempt failure ignored");
             }
         }
+        false
     }
 
     pub(crate) fn teardown_done(&self, epoch: Epoch, timed_out: bool) {

@@ -16,7 +16,7 @@ use crate::backoff::Timer;
 use crate::core::{AnyConn, Core, Effect, downcast};
 use crate::epoch::Epoch;
 use crate::error::{BoxError, Error, SharedError};
-use crate::teardown::Teardown;
+use crate::teardown::{Monitor, Teardown};
 
 /// The lifecycle work of one managed connection, as a future.
 ///
@@ -63,16 +63,17 @@ pub(crate) struct Timeouts {
     pub(crate) stable: Duration,
 }
 
-pub(crate) struct Parts<M, T, D> {
+pub(crate) struct Parts<M, T, D, W> {
     pub(crate) core: Arc<Core>,
     pub(crate) make: M,
     pub(crate) target: Arc<dyn Fn() -> T + Send + Sync>,
     pub(crate) teardown: D,
+    pub(crate) monitor: W,
     pub(crate) timeouts: Timeouts,
 }
 
 impl Driver {
-    pub(crate) fn new<M, T, D>(parts: Parts<M, T, D>) -> Driver
+    pub(crate) fn new<M, T, D, W>(parts: Parts<M, T, D, W>) -> Driver
     where
         M: Service<T> + Send + 'static,
         M::Response: Send + 'static,
@@ -81,6 +82,8 @@ impl Driver {
         T: 'static,
         D: Teardown<M::Response> + Send + 'static,
         D::Future: Send + 'static,
+        W: Monitor<M::Response> + Send + 'static,
+        W::Future: Send + 'static,
     {
         Driver {
             _stop: StopGuard(Arc::clone(&parts.core)),
@@ -99,8 +102,12 @@ impl Drop for StopGuard {
 }
 
 type Boxed<O> = Pin<Box<dyn Future<Output = O> + Send>>;
+/// An attempt's epoch and what it produced.
+type AttemptOutcome<C> = (Epoch, Result<C, Error>);
+/// A teardown's connection epoch, whether it was cut at the close timeout, and its waiter.
+type CloseOutcome = (Epoch, bool, Option<oneshot::Sender<()>>);
 
-async fn run<M, T, D>(parts: Parts<M, T, D>)
+async fn run<M, T, D, W>(parts: Parts<M, T, D, W>)
 where
     M: Service<T> + Send + 'static,
     M::Response: Send + 'static,
@@ -109,22 +116,26 @@ where
     T: 'static,
     D: Teardown<M::Response> + Send + 'static,
     D::Future: Send + 'static,
+    W: Monitor<M::Response> + Send + 'static,
+    W::Future: Send + 'static,
 {
     let Parts {
         core,
         mut make,
         target,
         mut teardown,
+        mut monitor,
         timeouts,
     } = parts;
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         core.set_runtime(runtime);
     }
 
-    let mut attempts: FuturesUnordered<Boxed<(Epoch, Result<M::Response, Error>)>> =
+    let mut attempts: FuturesUnordered<Boxed<AttemptOutcome<M::Response>>> =
         FuturesUnordered::new();
-    let mut closes: FuturesUnordered<Boxed<(Epoch, bool, Option<oneshot::Sender<()>>)>> =
-        FuturesUnordered::new();
+    let mut closes: FuturesUnordered<Boxed<CloseOutcome>> = FuturesUnordered::new();
+    // The watch over the installed connection (there is at most one).
+    let mut watching: Option<(Epoch, Boxed<Result<(), BoxError>>)> = None;
     // The attempt waiting for the connector to be ready; a newer one replaces it.
     let mut queued: Option<Epoch> = None;
     // A newer timer always belongs to a newer epoch, so one slot each is enough.
@@ -141,6 +152,9 @@ where
                     cause,
                     done,
                 } => {
+                    if watching.as_ref().is_some_and(|(e, _)| *e == epoch) {
+                        watching = None;
+                    }
                     let close = teardown.teardown(downcast::<M::Response>(conn), cause);
                     let bound = timeouts.close;
                     closes.push(Box::pin(async move {
@@ -163,6 +177,7 @@ where
             queued = None;
             retry = None;
             stable = None;
+            watching = None;
             // Dropping an attempt cancels it before it produced a connection.
             attempts = FuturesUnordered::new();
             core.begin_shutdown();
@@ -175,7 +190,11 @@ where
         tokio::select! {
             biased;
             Some((epoch, outcome)) = attempts.next(), if !attempts.is_empty() => {
-                core.attempt_done(epoch, outcome.map(|conn| Box::new(conn) as AnyConn));
+                let watch = outcome.as_ref().ok().map(|conn| monitor.monitor(conn));
+                let outcome = outcome.map(|conn| Box::new(conn) as AnyConn);
+                if core.attempt_done(epoch, outcome) {
+                    watching = watch.map(|w| (epoch, Box::pin(w) as Boxed<_>));
+                }
             }
             Some((epoch, timed_out, done)) = closes.next(), if !closes.is_empty() => {
                 core.teardown_done(epoch, timed_out);
@@ -199,7 +218,9 @@ where
                                 (epoch, outcome)
                             }));
                         }
-                        Err(error) => core.attempt_done(epoch, Err(Error::Connect(shared(error)))),
+                        Err(error) => {
+                            core.attempt_done(epoch, Err(Error::Connect(shared(error))));
+                        }
                     }
                 }
             }
@@ -210,6 +231,13 @@ where
             () = async { stable.as_mut().expect("guarded").1.as_mut().await }, if stable.is_some() => {
                 let (epoch, _) = stable.take().expect("guarded by the branch condition");
                 core.stable(epoch);
+            }
+            ended = async { watching.as_mut().expect("guarded").1.as_mut().await }, if watching.is_some() => {
+                let (epoch, _) = watching.take().expect("guarded by the branch condition");
+                match ended {
+                    Ok(()) => core.report_closed(epoch),
+                    Err(error) => core.report_failure(epoch, Arc::new(Error::ConnectionFailed(shared(error)))),
+                };
             }
             () = core.driver_notified() => {}
         }

@@ -141,6 +141,16 @@ impl Handle {
             .report_failure(epoch, Arc::new(Error::ConnectionFailed(error)))
     }
 
+    /// Reports that the peer ended the connection installed at `epoch` normally (a WebSocket
+    /// close with code 1000, say).
+    ///
+    /// It takes effect only if that connection is still installed (rule 3): then it is released
+    /// to teardown, the intent becomes disconnected and no reconnect follows, as after a
+    /// [`disconnect`](Self::disconnect). Returns whether it took effect.
+    pub fn report_closed(&self, epoch: Epoch) -> bool {
+        self.core.report_closed(epoch)
+    }
+
     /// The installed connection and its epoch, if any.
     ///
     /// The connection type must be the one the layer's connector produces; asking for another

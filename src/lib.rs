@@ -79,7 +79,8 @@
 //! let reconnect = ReconnectLayer::new("echo-1").with_connect_timeout(Duration::from_secs(5));
 //! let handle = reconnect.handle(); // take it before the layer disappears into the stack
 //! let mut svc = ServiceBuilder::new()
-//!     .timeout(Duration::from_secs(10)) // outside: bounds the wait for a connection too
+//!     .timeout(Duration::from_secs(10)) // bounds each request, including its wait...
+//!     .buffer(64) // ...for a connection: the buffer moves that wait into the request
 //!     .layer(reconnect)
 //!     .service(connector);
 //!
@@ -94,10 +95,17 @@
 //!
 //! # Where the layer sits in a stack
 //!
-//! `ServiceBuilder` applies layers outside-in: the first one listed is the outermost. Put a
-//! timeout *outside* `ReconnectLayer` so that a request waiting for a reconnect is bounded, and
-//! per-request layers (retry, concurrency limits) outside too. Layers listed after
-//! `ReconnectLayer` wrap the *connector*, not the connection.
+//! `ServiceBuilder` applies layers outside-in: the first one listed is the outermost. Layers
+//! listed after `ReconnectLayer` wrap the *connector*, not the connection; per-request layers
+//! (timeouts, retries, concurrency limits) go before it.
+//!
+//! While no connection is installed, [`Reconnect`] waits in `poll_ready`. tower's `Timeout`
+//! bounds only the response future, not `poll_ready`, so a `timeout` directly outside this
+//! layer does not bound that wait. Either put a `buffer` between them, as above (the buffer's
+//! worker does the waiting and the request's future, which the timeout bounds, waits for it),
+//! or bound `ready()` yourself with `tokio::time::timeout`. A `Buffer` stops for good at the
+//! first error of `poll_ready`, which this layer returns only for terminal conditions
+//! ([`Error::GaveUp`], [`Error::Shutdown`]) or under [`WhenDisconnected::FailFast`].
 //!
 //! # Features
 //!

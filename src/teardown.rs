@@ -1,4 +1,4 @@
-//! Graceful teardown of connections.
+//! Graceful teardown of connections, and monitoring of the installed one.
 //!
 //! Every connection that leaves the slot (disconnect, suspend, failure, shutdown) or is never
 //! installed (a stale attempt, rule 1) goes through the configured [`Teardown`] exactly once.
@@ -36,6 +36,9 @@ pub enum CloseCause {
     Suspend,
     /// It failed while installed; a reconnect follows.
     Failed,
+    /// The peer ended it normally ([`Handle::report_closed`](crate::Handle::report_closed) or a
+    /// [`Monitor`] that completed with `Ok`); no reconnect follows.
+    Ended,
     /// Its attempt's epoch went stale before it completed: it was never installed (rule 1).
     Stale,
     /// Every handle and service is gone; the driver is closing what is open.
@@ -48,6 +51,7 @@ impl fmt::Display for CloseCause {
             CloseCause::Disconnect => "disconnect",
             CloseCause::Suspend => "suspend",
             CloseCause::Failed => "failed",
+            CloseCause::Ended => "ended by the peer",
             CloseCause::Stale => "stale",
             CloseCause::Shutdown => "shutdown",
         })
@@ -79,6 +83,10 @@ where
 }
 
 /// The default teardown: drops the connection.
+///
+/// Only the middleware's copy is dropped: [`Reconnect`](crate::Reconnect) clones keep theirs
+/// until their next `poll_ready`. For a connection that is a cloneable handle to a task (a
+/// channel to a socket owner), close it explicitly in a teardown of your own.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DropTeardown;
 
@@ -88,5 +96,58 @@ impl<C> Teardown<C> for DropTeardown {
     fn teardown(&mut self, conn: C, _cause: CloseCause) -> Ready<()> {
         drop(conn);
         ready(())
+    }
+}
+
+/// Watches an installed connection and completes when it ends, so that a dead connection is
+/// noticed without waiting for the next request.
+///
+/// The driver starts `monitor` for each connection it installs and drops the future when the
+/// connection is released. If the future completes while its connection is still installed:
+/// `Err` is a failure of that connection (rule 3 applies: a reconnect follows), `Ok(())` means
+/// the peer ended it normally (the connection is released and no reconnect follows, like a
+/// WebSocket close with code 1000). Implemented for `FnMut(&C) -> impl Future` closures:
+///
+/// ```
+/// use tower_epoch::{BoxError, ReconnectLayer};
+///
+/// # #[derive(Clone)] struct Conn;
+/// # impl Conn { async fn closed(&self) -> Result<(), BoxError> { Ok(()) } }
+/// let layer = ReconnectLayer::new("127.0.0.1:7000").with_monitor(|conn: &Conn| {
+///     let conn = conn.clone();
+///     async move { conn.closed().await }
+/// });
+/// # drop(layer);
+/// ```
+pub trait Monitor<C> {
+    /// The watch in progress.
+    type Future: Future<Output = Result<(), crate::BoxError>>;
+
+    /// Starts watching `conn`.
+    fn monitor(&mut self, conn: &C) -> Self::Future;
+}
+
+impl<C, F, Fut> Monitor<C> for F
+where
+    F: FnMut(&C) -> Fut,
+    Fut: Future<Output = Result<(), crate::BoxError>>,
+{
+    type Future = Fut;
+
+    fn monitor(&mut self, conn: &C) -> Fut {
+        self(conn)
+    }
+}
+
+/// The default monitor: watches nothing (failures are found by the request path or reported
+/// with [`Handle::report_failure`](crate::Handle::report_failure)).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoMonitor;
+
+impl<C> Monitor<C> for NoMonitor {
+    type Future = std::future::Pending<Result<(), crate::BoxError>>;
+
+    fn monitor(&mut self, _: &C) -> Self::Future {
+        std::future::pending()
     }
 }

@@ -32,6 +32,13 @@ use tower_epoch::{DisconnectFuture, Epoch, Handle, Reconnect, ResumeToken, State
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Report,
+    Request,
+    Monitor,
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Connect,
@@ -40,10 +47,9 @@ enum Op {
     Resume(usize),
     NextAttempt(Attempt),
     NextClose(Close),
-    /// The installed connection fails: reported by a transport, or found by `poll_ready`.
-    FailInstalled {
-        via_request: bool,
-    },
+    /// The installed connection fails: reported by a transport, found by `poll_ready`, or
+    /// noticed by the monitor.
+    FailInstalled(Via),
     /// A failure report for an epoch that is not installed.
     StaleReport,
     Advance(Duration),
@@ -86,7 +92,8 @@ impl ReferenceStateMachine for Model {
             3 => any::<usize>().prop_map(Op::Resume),
             3 => attempt.prop_map(Op::NextAttempt),
             2 => close.prop_map(Op::NextClose),
-            2 => any::<bool>().prop_map(|via_request| Op::FailInstalled { via_request }),
+            2 => prop_oneof![Just(Via::Report), Just(Via::Request), Just(Via::Monitor)]
+                .prop_map(Op::FailInstalled),
             1 => Just(Op::StaleReport),
             5 => ms(&[1, 10, 100, 400, 1000, 2500]).prop_map(Op::Advance),
             2 => Just(Op::Request),
@@ -151,7 +158,8 @@ impl StateMachineTest for EpochTest {
                 &ledger,
                 layer(&ledger)
                     .with_connect_timeout(CONNECT_TIMEOUT)
-                    .with_close_timeout(CLOSE_TIMEOUT),
+                    .with_close_timeout(CLOSE_TIMEOUT)
+                    .with_monitor(|conn: &Conn| conn.ended()),
             )
         });
         Sut {
@@ -207,13 +215,20 @@ impl StateMachineTest for EpochTest {
                 Op::NextClose(close) => {
                     ledger.close_script([close]);
                 }
-                Op::FailInstalled { via_request } => {
+                Op::FailInstalled(via) => {
                     if let Some((epoch, conn)) = handle.connection::<Conn>() {
-                        if via_request {
-                            conn.break_it();
-                            let _ = poll_ready_now(svc);
-                        } else {
-                            assert!(handle.report_failure(epoch, "transport dropped"));
+                        match via {
+                            Via::Report => {
+                                assert!(handle.report_failure(epoch, "transport dropped"));
+                            }
+                            Via::Request => {
+                                conn.break_it();
+                                let _ = poll_ready_now(svc);
+                            }
+                            Via::Monitor => {
+                                conn.end(true);
+                                settle().await;
+                            }
                         }
                         assert!(
                             handle.connection::<Conn>().is_none(),

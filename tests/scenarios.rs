@@ -68,7 +68,8 @@ async fn p2_disconnect_with_nothing_connected_completes_at_once() {
 #[tokio::test(start_paused = true)]
 async fn p3_disconnect_closes_with_the_configured_reason_and_resolves_once_after_the_close() {
     let ledger = Ledger::new();
-    let reasons: Arc<Mutex<Vec<(u64, &'static str, CloseCause)>>> = Arc::default();
+    type Closes = Vec<(u64, &'static str, CloseCause)>;
+    let reasons: Arc<Mutex<Closes>> = Arc::default();
     let record = Arc::clone(&reasons);
     let reason = "bye";
     let layer = ReconnectLayer::new("target".to_string())

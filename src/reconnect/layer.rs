@@ -14,7 +14,7 @@ use crate::core::{Core, MachineConfig};
 use crate::driver::{Driver, Parts, Timeouts};
 use crate::error::BoxError;
 use crate::handle::Handle;
-use crate::teardown::{DropTeardown, Teardown};
+use crate::teardown::{DropTeardown, Monitor, NoMonitor, Teardown};
 
 use super::service::{IsFailure, Reconnect, WhenDisconnected};
 
@@ -40,13 +40,21 @@ use super::service::{IsFailure, Reconnect, WhenDisconnected};
 /// | connect timeout | 10 s |
 /// | close timeout | 5 s |
 /// | teardown | [`DropTeardown`] |
+/// | monitor | [`NoMonitor`] |
 /// | while disconnected | [`WhenDisconnected::Wait`] |
 /// | failure predicate | none: response errors never count as connection failures |
-pub struct ReconnectLayer<T, B = ExponentialBackoffMaker, D = DropTeardown> {
+pub struct ReconnectLayer<T, B = ExponentialBackoffMaker, D = DropTeardown, W = NoMonitor> {
     core: Arc<Core>,
     target: Arc<dyn Fn() -> T + Send + Sync>,
     backoff: B,
     teardown: D,
+    monitor: W,
+    settings: Settings,
+}
+
+/// The settings that do not change the layer's type.
+#[derive(Clone)]
+struct Settings {
     timeouts: Timeouts,
     max_attempts: Option<NonZeroU32>,
     when_disconnected: WhenDisconnected,
@@ -72,19 +80,22 @@ impl<T> ReconnectLayer<T> {
             target: Arc::new(target),
             backoff: default_backoff(),
             teardown: DropTeardown,
-            timeouts: Timeouts {
-                connect: Duration::from_secs(10),
-                close: Duration::from_secs(5),
-                stable: Duration::from_secs(5),
+            monitor: NoMonitor,
+            settings: Settings {
+                timeouts: Timeouts {
+                    connect: Duration::from_secs(10),
+                    close: Duration::from_secs(5),
+                    stable: Duration::from_secs(5),
+                },
+                max_attempts: None,
+                when_disconnected: WhenDisconnected::Wait,
+                is_failure: None,
             },
-            max_attempts: None,
-            when_disconnected: WhenDisconnected::Wait,
-            is_failure: None,
         }
     }
 }
 
-impl<T, B, D> ReconnectLayer<T, B, D> {
+impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
     /// The handle of the connection this layer will manage.
     ///
     /// Operations called before the layer is applied are queued and run when the driver starts.
@@ -94,63 +105,72 @@ impl<T, B, D> ReconnectLayer<T, B, D> {
 
     /// Sets the backoff between attempts: any [`MakeBackoff`], such as
     /// [`Schedule`](crate::backoff::Schedule) or tower's `ExponentialBackoffMaker`.
-    pub fn with_backoff<B2>(self, backoff: B2) -> ReconnectLayer<T, B2, D> {
+    pub fn with_backoff<B2>(self, backoff: B2) -> ReconnectLayer<T, B2, D, W> {
         ReconnectLayer {
             core: self.core,
             target: self.target,
             backoff,
             teardown: self.teardown,
-            timeouts: self.timeouts,
-            max_attempts: self.max_attempts,
-            when_disconnected: self.when_disconnected,
-            is_failure: self.is_failure,
+            monitor: self.monitor,
+            settings: self.settings,
         }
     }
 
     /// Sets how connections are closed (see [`crate::teardown`]).
-    pub fn with_teardown<D2>(self, teardown: D2) -> ReconnectLayer<T, B, D2> {
+    pub fn with_teardown<D2>(self, teardown: D2) -> ReconnectLayer<T, B, D2, W> {
         ReconnectLayer {
             core: self.core,
             target: self.target,
             backoff: self.backoff,
             teardown,
-            timeouts: self.timeouts,
-            max_attempts: self.max_attempts,
-            when_disconnected: self.when_disconnected,
-            is_failure: self.is_failure,
+            monitor: self.monitor,
+            settings: self.settings,
+        }
+    }
+
+    /// Sets how the installed connection is watched, so that a dead connection is noticed
+    /// without waiting for the next request (see [`Monitor`]).
+    pub fn with_monitor<W2>(self, monitor: W2) -> ReconnectLayer<T, B, D, W2> {
+        ReconnectLayer {
+            core: self.core,
+            target: self.target,
+            backoff: self.backoff,
+            teardown: self.teardown,
+            monitor,
+            settings: self.settings,
         }
     }
 
     /// Bounds each connect attempt; an attempt still running then fails with
     /// [`Error::ConnectTimeout`](crate::Error::ConnectTimeout) and goes through backoff.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
-        self.timeouts.connect = timeout;
+        self.settings.timeouts.connect = timeout;
         self
     }
 
     /// Bounds each teardown; a teardown still running then is dropped with its connection.
     pub fn with_close_timeout(mut self, timeout: Duration) -> Self {
-        self.timeouts.close = timeout;
+        self.settings.timeouts.close = timeout;
         self
     }
 
     /// How long a connection must stay installed before the backoff (delay and attempt count)
     /// resets. Failures before then keep growing the delay.
     pub fn with_stable_after(mut self, period: Duration) -> Self {
-        self.timeouts.stable = period;
+        self.settings.timeouts.stable = period;
         self
     }
 
     /// Gives up (state [`GaveUp`](crate::State::GaveUp)) after this many attempts in one backoff
     /// session without the connection becoming stable.
     pub fn with_max_attempts(mut self, attempts: NonZeroU32) -> Self {
-        self.max_attempts = Some(attempts);
+        self.settings.max_attempts = Some(attempts);
         self
     }
 
     /// What the service does while no connection is installed.
     pub fn when_disconnected(mut self, policy: WhenDisconnected) -> Self {
-        self.when_disconnected = policy;
+        self.settings.when_disconnected = policy;
         self
     }
 
@@ -161,7 +181,7 @@ impl<T, B, D> ReconnectLayer<T, B, D> {
     where
         F: Fn(&(dyn std::error::Error + Send + Sync + 'static)) -> bool + Send + Sync + 'static,
     {
-        self.is_failure = Some(Arc::new(is_failure));
+        self.settings.is_failure = Some(Arc::new(is_failure));
         self
     }
 
@@ -183,28 +203,32 @@ impl<T, B, D> ReconnectLayer<T, B, D> {
         <B::Backoff as Backoff>::Future: Send + 'static,
         D: Teardown<M::Response> + Clone + Send + 'static,
         D::Future: Send + 'static,
+        W: Monitor<M::Response> + Clone + Send + 'static,
+        W::Future: Send + 'static,
     {
+        let settings = &self.settings;
         self.core.claim(MachineConfig {
             retry: Box::new(Sessions::new(self.backoff.clone())),
-            max_attempts: self.max_attempts,
+            max_attempts: settings.max_attempts,
         });
         let service = Reconnect::new(
             Arc::clone(&self.core),
-            self.when_disconnected,
-            self.is_failure.clone(),
+            settings.when_disconnected,
+            settings.is_failure.clone(),
         );
         let driver = Driver::new(Parts {
             core: Arc::clone(&self.core),
             make,
             target: Arc::clone(&self.target),
             teardown: self.teardown.clone(),
-            timeouts: self.timeouts,
+            monitor: self.monitor.clone(),
+            timeouts: settings.timeouts,
         });
         (service, driver)
     }
 }
 
-impl<M, T, B, D> Layer<M> for ReconnectLayer<T, B, D>
+impl<M, T, B, D, W> Layer<M> for ReconnectLayer<T, B, D, W>
 where
     M: Service<T> + Send + 'static,
     M::Response: Send + 'static,
@@ -216,6 +240,8 @@ where
     <B::Backoff as Backoff>::Future: Send + 'static,
     D: Teardown<M::Response> + Clone + Send + 'static,
     D::Future: Send + 'static,
+    W: Monitor<M::Response> + Clone + Send + 'static,
+    W::Future: Send + 'static,
 {
     type Service = Reconnect<M::Response>;
 
@@ -226,30 +252,30 @@ where
     }
 }
 
-impl<T, B: Clone, D: Clone> Clone for ReconnectLayer<T, B, D> {
+impl<T, B: Clone, D: Clone, W: Clone> Clone for ReconnectLayer<T, B, D, W> {
     fn clone(&self) -> Self {
         ReconnectLayer {
             core: Arc::clone(&self.core),
             target: Arc::clone(&self.target),
             backoff: self.backoff.clone(),
             teardown: self.teardown.clone(),
-            timeouts: self.timeouts,
-            max_attempts: self.max_attempts,
-            when_disconnected: self.when_disconnected,
-            is_failure: self.is_failure.clone(),
+            monitor: self.monitor.clone(),
+            settings: self.settings.clone(),
         }
     }
 }
 
-impl<T, B: fmt::Debug, D: fmt::Debug> fmt::Debug for ReconnectLayer<T, B, D> {
+impl<T, B: fmt::Debug, D: fmt::Debug, W: fmt::Debug> fmt::Debug for ReconnectLayer<T, B, D, W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let settings = &self.settings;
         f.debug_struct("ReconnectLayer")
             .field("backoff", &self.backoff)
             .field("teardown", &self.teardown)
-            .field("timeouts", &self.timeouts)
-            .field("max_attempts", &self.max_attempts)
-            .field("when_disconnected", &self.when_disconnected)
-            .field("failure_predicate", &self.is_failure.is_some())
+            .field("monitor", &self.monitor)
+            .field("timeouts", &settings.timeouts)
+            .field("max_attempts", &settings.max_attempts)
+            .field("when_disconnected", &settings.when_disconnected)
+            .field("failure_predicate", &settings.is_failure.is_some())
             .finish_non_exhaustive()
     }
 }

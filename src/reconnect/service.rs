@@ -22,7 +22,9 @@ pub(crate) type IsFailure =
 #[non_exhaustive]
 pub enum WhenDisconnected {
     /// Stay `Pending` until a connection is installed (the default): requests wait across a
-    /// reconnect or a suspend/resume. Bound the wait with a timeout layer *outside* this one.
+    /// reconnect or a suspend/resume. Bound the wait: tower's `Timeout` does not bound
+    /// `poll_ready`, so put a `Buffer` between it and this layer, or wrap `ready()` in
+    /// `tokio::time::timeout` (see [the crate docs](crate#where-the-layer-sits-in-a-stack)).
     #[default]
     Wait,
     /// Fail at once with [`Error::NotConnected`].

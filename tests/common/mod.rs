@@ -221,6 +221,8 @@ struct ConnInner {
     id: u64,
     ledger: Ledger,
     broken: std::sync::atomic::AtomicBool,
+    /// `Some(failed)` once the transport ended.
+    ended: tokio::sync::watch::Sender<Option<bool>>,
 }
 
 impl Drop for ConnInner {
@@ -237,7 +239,25 @@ impl Conn {
                 id,
                 ledger,
                 broken: Default::default(),
+                ended: tokio::sync::watch::Sender::new(None),
             }),
+        }
+    }
+
+    /// The transport ends: with a failure, or normally (the peer said goodbye).
+    pub fn end(&self, failed: bool) {
+        self.inner.ended.send_replace(Some(failed));
+    }
+
+    /// Completes when the transport ends (a monitor).
+    pub fn ended(&self) -> impl Future<Output = Result<(), BoxError>> + Send + use<> {
+        let mut ended = self.inner.ended.subscribe();
+        async move {
+            let failed = *ended.wait_for(Option::is_some).await?;
+            match failed {
+                Some(true) => Err("transport failed".into()),
+                _ => Ok(()),
+            }
         }
     }
 
@@ -350,10 +370,14 @@ pub fn layer(ledger: &Ledger) -> ReconnectLayer<String, Schedule, LedgerTeardown
 }
 
 /// Builds the service and handle over `ledger` with `layer` and spawns the driver.
-pub fn start(
+pub fn start<W>(
     ledger: &Ledger,
-    layer: ReconnectLayer<String, Schedule, LedgerTeardown>,
-) -> (Reconnect<Conn>, Handle) {
+    layer: ReconnectLayer<String, Schedule, LedgerTeardown, W>,
+) -> (Reconnect<Conn>, Handle)
+where
+    W: tower_epoch::teardown::Monitor<Conn> + Clone + Send + 'static,
+    W::Future: Send + 'static,
+{
     let handle = layer.handle();
     let svc = tower::Layer::layer(&layer, ledger.connector());
     (svc, handle)
