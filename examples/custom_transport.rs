@@ -433,7 +433,7 @@ async fn run() -> Result<(), BoxError> {
         .with_close_timeout(Duration::from_secs(1))
         .with_teardown(|conn: LineConn, cause: CloseCause| conn.close(cause))
         // Watch the installed connection: a socket that dies is noticed without traffic.
-        .with_monitor(|conn: &LineConn| {
+        .with_monitor(|conn: &LineConn, _epoch| {
             let conn = conn.clone();
             async move {
                 conn.closed().await;

@@ -190,7 +190,7 @@ where
         tokio::select! {
             biased;
             Some((epoch, outcome)) = attempts.next(), if !attempts.is_empty() => {
-                let watch = outcome.as_ref().ok().map(|conn| monitor.monitor(conn));
+                let watch = outcome.as_ref().ok().map(|conn| monitor.monitor(conn, epoch));
                 let outcome = outcome.map(|conn| Box::new(conn) as AnyConn);
                 if core.attempt_done(epoch, outcome) {
                     watching = watch.map(|w| (epoch, Box::pin(w) as Boxed<_>));

@@ -26,6 +26,8 @@
 use std::fmt;
 use std::future::{Future, Ready, ready};
 
+use crate::epoch::Epoch;
+
 /// Why a connection is being torn down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -102,18 +104,19 @@ impl<C> Teardown<C> for DropTeardown {
 /// Watches an installed connection and completes when it ends, so that a dead connection is
 /// noticed without waiting for the next request.
 ///
-/// The driver starts `monitor` for each connection it installs and drops the future when the
-/// connection is released. If the future completes while its connection is still installed:
+/// The driver starts `monitor` for each connection it installs, with that connection's epoch,
+/// and drops the future when the connection is released: a transport can run its per-connection
+/// work (reading, heartbeats) in it and tag what it produces with the epoch. If the future completes while its connection is still installed:
 /// `Err` is a failure of that connection (rule 3 applies: a reconnect follows), `Ok(())` means
 /// the peer ended it normally (the connection is released and no reconnect follows, like a
-/// WebSocket close with code 1000). Implemented for `FnMut(&C) -> impl Future` closures:
+/// WebSocket close with code 1000). Implemented for `FnMut(&C, Epoch) -> impl Future` closures:
 ///
 /// ```
-/// use tower_epoch::{BoxError, ReconnectLayer};
+/// use tower_epoch::{BoxError, Epoch, ReconnectLayer};
 ///
 /// # #[derive(Clone)] struct Conn;
 /// # impl Conn { async fn closed(&self) -> Result<(), BoxError> { Ok(()) } }
-/// let layer = ReconnectLayer::new("127.0.0.1:7000").with_monitor(|conn: &Conn| {
+/// let layer = ReconnectLayer::new("127.0.0.1:7000").with_monitor(|conn: &Conn, _: Epoch| {
 ///     let conn = conn.clone();
 ///     async move { conn.closed().await }
 /// });
@@ -123,19 +126,19 @@ pub trait Monitor<C> {
     /// The watch in progress.
     type Future: Future<Output = Result<(), crate::BoxError>>;
 
-    /// Starts watching `conn`.
-    fn monitor(&mut self, conn: &C) -> Self::Future;
+    /// Starts watching `conn`, installed at `epoch`.
+    fn monitor(&mut self, conn: &C, epoch: Epoch) -> Self::Future;
 }
 
 impl<C, F, Fut> Monitor<C> for F
 where
-    F: FnMut(&C) -> Fut,
+    F: FnMut(&C, Epoch) -> Fut,
     Fut: Future<Output = Result<(), crate::BoxError>>,
 {
     type Future = Fut;
 
-    fn monitor(&mut self, conn: &C) -> Fut {
-        self(conn)
+    fn monitor(&mut self, conn: &C, epoch: Epoch) -> Fut {
+        self(conn, epoch)
     }
 }
 
@@ -147,7 +150,7 @@ pub struct NoMonitor;
 impl<C> Monitor<C> for NoMonitor {
     type Future = std::future::Pending<Result<(), crate::BoxError>>;
 
-    fn monitor(&mut self, _: &C) -> Self::Future {
+    fn monitor(&mut self, _: &C, _: Epoch) -> Self::Future {
         std::future::pending()
     }
 }

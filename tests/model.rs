@@ -159,7 +159,7 @@ impl StateMachineTest for EpochTest {
                 layer(&ledger)
                     .with_connect_timeout(CONNECT_TIMEOUT)
                     .with_close_timeout(CLOSE_TIMEOUT)
-                    .with_monitor(|conn: &Conn| conn.ended()),
+                    .with_monitor(|conn: &Conn, _| conn.ended()),
             )
         });
         Sut {

@@ -9,7 +9,7 @@ use tower_epoch::State;
 use tower_epoch::teardown::CloseCause;
 
 fn start_monitored(ledger: &Ledger) -> (tower_epoch::Reconnect<Conn>, tower_epoch::Handle) {
-    let layer = layer(ledger).with_monitor(|conn: &Conn| conn.ended());
+    let layer = layer(ledger).with_monitor(|conn: &Conn, _| conn.ended());
     let handle = layer.handle();
     let svc = tower::Layer::layer(&layer, ledger.connector());
     (svc, handle)
