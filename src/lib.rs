@@ -111,7 +111,7 @@
 //!
 //! | feature | default | what |
 //! |---|---|---|
-//! | `ws` | yes | reserved for the WebSocket transport over tokio-tungstenite |
+//! | `ws` | yes | the WebSocket transport over tokio-tungstenite: [`ws::WsConnector`], [`ws::WsClient`] |
 //!
 //! # Minimum supported Rust version
 //!
@@ -129,6 +129,9 @@ pub mod backoff;
 pub mod epoch;
 pub mod error;
 pub mod teardown;
+#[cfg(feature = "ws")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ws")))]
+pub mod ws;
 
 pub use crate::core::ResumeToken;
 pub use driver::Driver;

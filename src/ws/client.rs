@@ -1,0 +1,801 @@
+//! [`WsClient`]: a Phoenix-style WebSocket client on the reconnect layer.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tower::ServiceExt;
+use tower::retry::backoff::{Backoff, ExponentialBackoffMaker, MakeBackoff};
+
+use super::conn::{self, Heartbeat, WsConn};
+use super::connector::{WsConnector, endpoint_of};
+use super::error::{SendError, WsError};
+use crate::backoff::default_backoff;
+use crate::epoch::Epoch;
+use crate::handle::Handle;
+use crate::reconnect::ReconnectLayer;
+use crate::state::State;
+
+/// A message received, tagged with the epoch of the connection it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Received {
+    /// The epoch of the connection that delivered it.
+    pub epoch: Epoch,
+    /// The message (text or binary).
+    pub message: Message,
+}
+
+/// What [`WsClient::send`] does when the outbound queue is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WhenFull {
+    /// Wait for room (the default). The message is accepted when room frees up.
+    #[default]
+    Wait,
+    /// Fail at once with [`SendError::Full`], handing the message back.
+    Fail,
+}
+
+type AckFn = Arc<dyn Fn(&Message) -> Option<u64> + Send + Sync>;
+
+pub(crate) struct Settings {
+    pub(crate) capacity: usize,
+    pub(crate) when_full: WhenFull,
+    pub(crate) heartbeat: Option<Heartbeat>,
+    pub(crate) close_code: CloseCode,
+    pub(crate) close_reason: String,
+    pub(crate) close_step_timeout: Duration,
+    pub(crate) reconnect_on_normal_close: bool,
+    ack: Option<AckFn>,
+}
+
+/// A message accepted and not yet acknowledged (or, without at-least-once, not yet written).
+struct Pending {
+    seq: u64,
+    message: Message,
+    /// Completed writes of this message (more than one after an at-least-once re-send).
+    writes: u32,
+}
+
+#[derive(Default)]
+struct Outbox {
+    /// Accepted, not yet written, in order.
+    queue: VecDeque<Pending>,
+    /// At-least-once: written, waiting for an acknowledgement, in order.
+    unacked: VecDeque<Pending>,
+    /// Taken by a writer, being written.
+    in_flight: usize,
+    next_seq: u64,
+    /// The installed connection, while its monitor runs.
+    current: Option<(Epoch, WsConn)>,
+    stats: Stats,
+}
+
+impl Outbox {
+    fn held(&self) -> usize {
+        self.queue.len() + self.in_flight + self.unacked.len()
+    }
+}
+
+/// Counters of the client's outbound traffic, read with [`WsClient::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Messages accepted by `send`/`feed`.
+    pub accepted: u64,
+    /// Messages written to a connection (each write of a re-sent message counts again).
+    pub written: u64,
+    /// At-least-once: messages acknowledged by the peer.
+    pub acknowledged: u64,
+    /// Messages written again after a completed write: at-least-once messages not
+    /// acknowledged before their connection ended.
+    pub resent: u64,
+    /// Messages held now: queued, being written, or waiting for an acknowledgement.
+    pub held: u64,
+}
+
+/// State shared by the client's clones, the monitor and the teardown of its connections.
+pub(crate) struct Shared {
+    outbox: Mutex<Outbox>,
+    /// The highest sequence number such that it and everything before it has been written.
+    written: watch::Sender<u64>,
+    pub(crate) wake_writer: Notify,
+    space: Notify,
+    states: watch::Receiver<State>,
+    incoming: mpsc::Sender<Received>,
+    pub(crate) settings: Settings,
+}
+
+/// Clears the installed connection when its monitor ends.
+pub(crate) struct Installed<'a> {
+    shared: &'a Shared,
+    epoch: Epoch,
+}
+
+impl Drop for Installed<'_> {
+    fn drop(&mut self) {
+        let mut outbox = self.shared.lock();
+        if outbox
+            .current
+            .as_ref()
+            .is_some_and(|(e, _)| *e == self.epoch)
+        {
+            outbox.current = None;
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn incoming(&self) -> &mpsc::Sender<Received> {
+        &self.incoming
+    }
+
+    /// A new connection is installed: at-least-once messages that were written and not
+    /// acknowledged go first, in order, then the queue.
+    pub(crate) fn install(&self, epoch: Epoch, conn: WsConn) -> Installed<'_> {
+        let mut outbox = self.lock();
+        let unacked = std::mem::take(&mut outbox.unacked);
+        for pending in unacked.into_iter().rev() {
+            outbox.queue.push_front(pending);
+        }
+        outbox.current = Some((epoch, conn));
+        Installed {
+            shared: self,
+            epoch,
+        }
+    }
+
+    fn current(&self) -> Option<WsConn> {
+        self.lock().current.as_ref().map(|(_, c)| c.clone())
+    }
+
+    /// Writes everything queued to `conn`, in order, in batches: every message of a batch is
+    /// fed, then the batch is flushed once. A batch whose write fails goes back to the front of
+    /// the queue for the next connection, and the connection is marked broken.
+    pub(crate) async fn drain(&self, conn: &WsConn) -> Result<(), WsError> {
+        let mut sink = conn.inner().sink.lock().await;
+        loop {
+            let batch = {
+                let mut outbox = self.lock();
+                if outbox.queue.is_empty() {
+                    return Ok(());
+                }
+                let batch = std::mem::take(&mut outbox.queue);
+                outbox.in_flight = batch.len();
+                batch
+            };
+            let mut result = Ok(());
+            for pending in &batch {
+                result = sink.feed(pending.message.clone()).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            if result.is_ok() {
+                result = sink.flush().await;
+            }
+            let last = batch.back().map(|p| p.seq).unwrap_or(0);
+            let mut outbox = self.lock();
+            outbox.in_flight = 0;
+            if let Err(error) = result {
+                for pending in batch.into_iter().rev() {
+                    outbox.queue.push_front(pending);
+                }
+                drop(outbox);
+                conn.mark_broken();
+                return Err(WsError::Transport(error));
+            }
+            let mut batch = batch;
+            for pending in &mut batch {
+                outbox.stats.written += 1;
+                outbox.stats.resent += u64::from(pending.writes > 0);
+                pending.writes += 1;
+            }
+            if self.settings.ack.is_some() {
+                outbox.unacked.extend(batch);
+            }
+            drop(outbox);
+            self.written.send_if_modified(|w| {
+                let advanced = last > *w;
+                *w = (*w).max(last);
+                advanced
+            });
+            self.space.notify_waiters();
+        }
+    }
+
+    /// An incoming data message: with at-least-once, it may acknowledge earlier sends.
+    pub(crate) fn received(&self, message: &Message) {
+        let Some(ack) = &self.settings.ack else {
+            return;
+        };
+        let Some(upto) = ack(message) else {
+            return;
+        };
+        let mut outbox = self.lock();
+        let mut acked = 0;
+        while outbox.unacked.front().is_some_and(|p| p.seq <= upto) {
+            outbox.unacked.pop_front();
+            acked += 1;
+        }
+        // Re-queued after a reconnect and acknowledged late by the old connection.
+        while outbox.queue.front().is_some_and(|p| p.seq <= upto) {
+            outbox.queue.pop_front();
+            acked += 1;
+        }
+        outbox.stats.acknowledged += acked;
+        drop(outbox);
+        if acked > 0 {
+            self.space.notify_waiters();
+        }
+    }
+
+    /// Accepts a message now, or says why not.
+    fn accept(&self, make: impl FnOnce(u64) -> Message, notify: bool) -> Result<u64, SendError> {
+        if self.states.borrow().is_shutdown() {
+            return Err(SendError::Closed);
+        }
+        let mut outbox = self.lock();
+        let seq = outbox.next_seq + 1;
+        if outbox.held() >= self.settings.capacity {
+            drop(outbox);
+            return Err(SendError::Full {
+                message: make(seq),
+                capacity: self.settings.capacity,
+            });
+        }
+        let message = make(seq);
+        if !matches!(message, Message::Text(_) | Message::Binary(_)) {
+            return Err(SendError::NotData(message));
+        }
+        outbox.next_seq = seq;
+        let was_empty = outbox.queue.is_empty();
+        outbox.queue.push_back(Pending {
+            seq,
+            message,
+            writes: 0,
+        });
+        outbox.stats.accepted += 1;
+        drop(outbox);
+        if notify && was_empty {
+            self.wake_writer.notify_one();
+        }
+        Ok(seq)
+    }
+
+    /// Waits until `seq` and everything before it is written, writing it ourselves when a
+    /// connection is installed (no hop to another task on the hot path).
+    async fn written(self: Arc<Self>, seq: u64) -> Result<u64, SendError> {
+        let mut written = self.written.subscribe();
+        let mut states = self.states.clone();
+        loop {
+            if *written.borrow_and_update() >= seq {
+                return Ok(seq);
+            }
+            if states.borrow_and_update().is_shutdown() {
+                return Err(SendError::Closed);
+            }
+            if let Some(conn) = self.current() {
+                // A failure marks the connection broken; its monitor reports it and the
+                // message waits for the next connection.
+                let _ = self.drain(&conn).await;
+                if *written.borrow_and_update() >= seq {
+                    return Ok(seq);
+                }
+            }
+            tokio::select! {
+                changed = written.changed() => if changed.is_err() { return Err(SendError::Closed) },
+                changed = states.changed() => if changed.is_err() { return Err(SendError::Closed) },
+            }
+        }
+    }
+}
+
+trait StateExt {
+    fn is_shutdown(&self) -> bool;
+}
+
+impl StateExt for State {
+    fn is_shutdown(&self) -> bool {
+        matches!(self, State::Shutdown)
+    }
+}
+
+/// A Phoenix-style WebSocket client on the [reconnect layer](crate::ReconnectLayer).
+///
+/// - [`send`](Self::send) accepts messages at any time. While disconnected they wait in a
+///   bounded outbound queue ([`WsClientBuilder::queue_capacity`]; when it is full, `send` waits
+///   or fails, per [`WhenFull`], and never drops) and are written in order when a connection
+///   opens. While connected, an awaited `send` writes at once, from the caller's task.
+/// - Incoming text and binary messages arrive on the [`Incoming`] stream, each tagged with the
+///   epoch of its connection.
+/// - A heartbeat pings at an interval; a missing pong is a failure of that connection's epoch,
+///   so half-open peers are found. No ping is sent once a connection is released.
+/// - [`disconnect`](Handle::disconnect) is graceful: the queue is written, then Close goes out
+///   with the configured code and reason and the client waits for the peer's Close, each step
+///   bounded.
+/// - A peer's normal close (1000) releases the connection without a reconnect, unless
+///   [`WsClientBuilder::reconnect_on_normal_close`]; abnormal closes and drops reconnect.
+///
+/// # Delivery
+///
+/// A message accepted by `send` or `feed` is written to a connection, in order, or given back
+/// ([`SendError`], [`take_unsent`](Self::take_unsent)); it is never silently dropped. A batch
+/// whose write did not complete is written again on the next connection (so the peer may see
+/// some of it twice). What the network loses after a completed write is not seen by the client:
+/// for that, [`at_least_once`](WsClientBuilder::at_least_once) keeps each message until the peer
+/// acknowledges it and re-sends unacknowledged ones, in order, after a reconnect.
+///
+/// # Example
+///
+/// ```no_run
+/// use futures_util::StreamExt;
+/// use tokio_tungstenite::tungstenite::Message;
+/// use tower_epoch::ws::WsClient;
+///
+/// # async fn f() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let (client, mut incoming) = WsClient::builder("ws://127.0.0.1:4000/socket")?.build()?;
+/// client.send(Message::text("queued until connected")).await?;
+/// client.handle().connect()?;
+/// while let Some(received) = incoming.next().await {
+///     println!("{}: {:?}", received.epoch, received.message);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct WsClient {
+    shared: Arc<Shared>,
+    handle: Handle,
+}
+
+impl fmt::Debug for WsClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsClient")
+            .field("handle", &self.handle)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WsClient {
+    /// A builder for a client of `request` (a URL, or an `http` request with headers). The URL
+    /// is checked now: a bad one is an error before anything else happens.
+    pub fn builder<R>(request: R) -> Result<WsClientBuilder, WsError>
+    where
+        R: IntoClientRequest + Clone + Send + Sync + 'static,
+    {
+        let first = request
+            .clone()
+            .into_client_request()
+            .map_err(|e| WsError::InvalidUrl(e.to_string()))?;
+        endpoint_of(&first)?;
+        Ok(Self::builder_with(move || {
+            request
+                .clone()
+                .into_client_request()
+                .expect("checked when the builder was made")
+        }))
+    }
+
+    /// A builder whose request is made anew for every attempt, so that a refreshed header (an
+    /// auth token) is used by the next reconnect. [`WsClientBuilder::build`] checks the first one.
+    pub fn builder_with<F>(request: F) -> WsClientBuilder
+    where
+        F: Fn() -> Request + Send + Sync + 'static,
+    {
+        WsClientBuilder {
+            request: Arc::new(request),
+            connector: WsConnector::new(),
+            backoff: default_backoff(),
+            capacity: 1024,
+            incoming_capacity: 1024,
+            when_full: WhenFull::Wait,
+            heartbeat: Some(Heartbeat {
+                interval: Duration::from_secs(30),
+                timeout: Duration::from_secs(10),
+            }),
+            close_code: CloseCode::Normal,
+            close_reason: String::new(),
+            close_step_timeout: Duration::from_secs(2),
+            reconnect_on_normal_close: false,
+            ack: None,
+            configure: Box::new(|layer| layer),
+        }
+    }
+
+    /// The handle of the connection: `connect`, `disconnect`, `suspend`, `resume`, state,
+    /// ledger.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Sends a text or binary message.
+    ///
+    /// The message is accepted when this is called (or, if the queue is full under
+    /// [`WhenFull::Wait`], when the returned future finds room). The future resolves with the
+    /// message's sequence number once it has been written to a connection; awaiting it while
+    /// connected writes it from this task. Dropping the future does not withdraw an accepted
+    /// message.
+    pub fn send(&self, message: Message) -> SendFuture {
+        self.send_with(move |_| message)
+    }
+
+    /// Like [`send`](Self::send), with the message made from its sequence number (1, 2, ...),
+    /// so the peer can acknowledge it by number (see
+    /// [`at_least_once`](WsClientBuilder::at_least_once)).
+    pub fn send_with(&self, make: impl FnOnce(u64) -> Message + Send + 'static) -> SendFuture {
+        let shared = Arc::clone(&self.shared);
+        let (seq, state) = match shared.accept(make, false) {
+            Ok(seq) => (Some(seq), None),
+            Err(SendError::Full { message, .. }) if shared.settings.when_full == WhenFull::Wait => {
+                (None, Some(message))
+            }
+            Err(error) => {
+                return SendFuture {
+                    shared,
+                    seq: None,
+                    inner: Box::pin(std::future::ready(Err(error))),
+                };
+            }
+        };
+        let inner = {
+            let shared = Arc::clone(&shared);
+            Box::pin(async move {
+                let seq = match (seq, state) {
+                    (Some(seq), _) => seq,
+                    (None, Some(message)) => shared.wait_for_room(message).await?,
+                    (None, None) => unreachable!("either accepted or waiting with the message"),
+                };
+                shared.written(seq).await
+            }) as Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send>>
+        };
+        SendFuture { shared, seq, inner }
+    }
+
+    /// Accepts a message without waiting, like `Sink::feed`: it is written in the background,
+    /// or by the next [`flush`](Self::flush). Returns its sequence number.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError::Full`] when the queue is full (`feed` never waits), [`SendError::NotData`]
+    /// for a control frame, [`SendError::Closed`] once the client has shut down.
+    pub fn feed(&self, message: Message) -> Result<u64, SendError> {
+        self.feed_with(move |_| message)
+    }
+
+    /// Like [`feed`](Self::feed), with the message made from its sequence number.
+    pub fn feed_with(&self, make: impl FnOnce(u64) -> Message) -> Result<u64, SendError> {
+        self.shared.accept(make, true)
+    }
+
+    /// Waits until every message accepted so far has been written, writing them from this task
+    /// when a connection is installed.
+    pub async fn flush(&self) -> Result<(), SendError> {
+        let last = self.shared.lock().next_seq;
+        Arc::clone(&self.shared).written(last).await.map(drop)
+    }
+
+    /// Counters of the outbound traffic.
+    pub fn stats(&self) -> Stats {
+        let outbox = self.shared.lock();
+        Stats {
+            held: outbox.held() as u64,
+            ..outbox.stats
+        }
+    }
+
+    /// Takes back every message accepted and not yet written (or, with at-least-once, not yet
+    /// acknowledged), in order: for an application that gives up on a connection.
+    pub fn take_unsent(&self) -> Vec<(u64, Message)> {
+        let mut outbox = self.shared.lock();
+        let unacked = std::mem::take(&mut outbox.unacked);
+        let queue = std::mem::take(&mut outbox.queue);
+        drop(outbox);
+        self.shared.space.notify_waiters();
+        unacked
+            .into_iter()
+            .chain(queue)
+            .map(|p| (p.seq, p.message))
+            .collect()
+    }
+}
+
+impl Shared {
+    async fn wait_for_room(&self, message: Message) -> Result<u64, SendError> {
+        let mut message = Some(message);
+        loop {
+            let room = self.space.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let mut states = self.states.clone();
+            match self.accept(|_| message.take().expect("taken once"), true) {
+                Ok(seq) => return Ok(seq),
+                Err(SendError::Full { message: back, .. }) => message = Some(back),
+                Err(error) => return Err(error),
+            }
+            tokio::select! {
+                () = room => {}
+                changed = states.changed() => if changed.is_err() { return Err(SendError::Closed) },
+            }
+        }
+    }
+}
+
+/// Future of [`WsClient::send`]: resolves with the message's sequence number once it is written.
+#[must_use = "the message is queued; await this to know it was written"]
+pub struct SendFuture {
+    shared: Arc<Shared>,
+    seq: Option<u64>,
+    inner: Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send>>,
+}
+
+impl SendFuture {
+    /// The message's sequence number, if it was accepted when `send` was called.
+    pub fn seq(&self) -> Option<u64> {
+        self.seq
+    }
+}
+
+impl Future for SendFuture {
+    type Output = Result<u64, SendError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = std::task::ready!(self.inner.as_mut().poll(cx));
+        self.seq = None;
+        Poll::Ready(out)
+    }
+}
+
+impl Drop for SendFuture {
+    fn drop(&mut self) {
+        // Accepted and not seen through: the background writer takes it from here.
+        if self.seq.is_some() {
+            self.shared.wake_writer.notify_one();
+        }
+    }
+}
+
+impl fmt::Debug for SendFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendFuture")
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stream of incoming messages, each tagged with its connection's epoch. It ends when the
+/// client has shut down.
+#[derive(Debug)]
+pub struct Incoming {
+    rx: mpsc::Receiver<Received>,
+}
+
+impl futures_core::Stream for Incoming {
+    type Item = Received;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Received>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+type Configure = Box<
+    dyn FnOnce(
+            ReconnectLayer<Request, ExponentialBackoffMaker>,
+        ) -> ReconnectLayer<Request, ExponentialBackoffMaker>
+        + Send,
+>;
+
+/// Builds a [`WsClient`]. Made by [`WsClient::builder`].
+pub struct WsClientBuilder<B = ExponentialBackoffMaker> {
+    request: Arc<dyn Fn() -> Request + Send + Sync>,
+    connector: WsConnector,
+    backoff: B,
+    capacity: usize,
+    incoming_capacity: usize,
+    when_full: WhenFull,
+    heartbeat: Option<Heartbeat>,
+    close_code: CloseCode,
+    close_reason: String,
+    close_step_timeout: Duration,
+    reconnect_on_normal_close: bool,
+    ack: Option<AckFn>,
+    configure: Configure,
+}
+
+impl<B: fmt::Debug> fmt::Debug for WsClientBuilder<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsClientBuilder")
+            .field("backoff", &self.backoff)
+            .field("capacity", &self.capacity)
+            .field("when_full", &self.when_full)
+            .field("heartbeat", &self.heartbeat)
+            .field("close_code", &self.close_code)
+            .field("at_least_once", &self.ack.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> WsClientBuilder<B> {
+    /// The connector (a custom [`Dial`](super::Dial), TLS settings, protocol limits).
+    pub fn connector(mut self, connector: WsConnector) -> Self {
+        self.connector = connector;
+        self
+    }
+
+    /// The backoff between reconnect attempts (any `MakeBackoff`).
+    pub fn backoff<B2>(self, backoff: B2) -> WsClientBuilder<B2> {
+        WsClientBuilder {
+            request: self.request,
+            connector: self.connector,
+            backoff,
+            capacity: self.capacity,
+            incoming_capacity: self.incoming_capacity,
+            when_full: self.when_full,
+            heartbeat: self.heartbeat,
+            close_code: self.close_code,
+            close_reason: self.close_reason,
+            close_step_timeout: self.close_step_timeout,
+            reconnect_on_normal_close: self.reconnect_on_normal_close,
+            ack: self.ack,
+            configure: self.configure,
+        }
+    }
+
+    /// Further settings of the underlying [`ReconnectLayer`]: connect and close timeouts,
+    /// stable period, attempt limit.
+    pub fn layer(
+        mut self,
+        configure: impl FnOnce(
+            ReconnectLayer<Request, ExponentialBackoffMaker>,
+        ) -> ReconnectLayer<Request, ExponentialBackoffMaker>
+        + Send
+        + 'static,
+    ) -> Self {
+        self.configure = Box::new(configure);
+        self
+    }
+
+    /// How many messages the client holds at most: queued, being written, or (at-least-once)
+    /// waiting for an acknowledgement. Default 1024; at least 1.
+    pub fn queue_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// How many received messages wait for the [`Incoming`] stream's reader before the client
+    /// stops reading (backpressure). Default 1024; at least 1.
+    pub fn incoming_capacity(mut self, capacity: usize) -> Self {
+        self.incoming_capacity = capacity.max(1);
+        self
+    }
+
+    /// What `send` does when the queue is full.
+    pub fn when_full(mut self, policy: WhenFull) -> Self {
+        self.when_full = policy;
+        self
+    }
+
+    /// Pings every `interval`; no pong within `timeout` is a failure of the connection.
+    /// Default: every 30 s, 10 s to answer.
+    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.heartbeat = Some(Heartbeat { interval, timeout });
+        self
+    }
+
+    /// No heartbeat.
+    pub fn no_heartbeat(mut self) -> Self {
+        self.heartbeat = None;
+        self
+    }
+
+    /// The code and reason of the Close frame a deliberate disconnect sends (default 1000, no
+    /// reason).
+    pub fn close_with(mut self, code: CloseCode, reason: impl Into<String>) -> Self {
+        self.close_code = code;
+        self.close_reason = reason.into();
+        self
+    }
+
+    /// Bounds each step of a graceful close (writing the queue, sending Close, waiting for the
+    /// peer's Close). Default 2 s. The layer's close timeout bounds the whole.
+    pub fn close_step_timeout(mut self, timeout: Duration) -> Self {
+        self.close_step_timeout = timeout;
+        self
+    }
+
+    /// Reconnect after the peer closes with 1000 (normal closure) too. Default: no.
+    pub fn reconnect_on_normal_close(mut self, reconnect: bool) -> Self {
+        self.reconnect_on_normal_close = reconnect;
+        self
+    }
+
+    /// At-least-once delivery: messages stay held until acknowledged, and unacknowledged ones
+    /// are re-sent, in order, first thing on the next connection. `ack` reads an incoming
+    /// message and returns the highest sequence number it acknowledges (cumulatively: every
+    /// message up to it), or `None`. Build messages with [`WsClient::send_with`] to put their
+    /// sequence number on the wire.
+    pub fn at_least_once(
+        mut self,
+        ack: impl Fn(&Message) -> Option<u64> + Send + Sync + 'static,
+    ) -> Self {
+        self.ack = Some(Arc::new(ack));
+        self
+    }
+
+    /// Builds the client and spawns its driver on the current tokio runtime. Nothing connects
+    /// until [`Handle::connect`].
+    ///
+    /// # Errors
+    ///
+    /// The first request is checked ([`WsError::UnsupportedScheme`], [`WsError::EmptyHost`],
+    /// [`WsError::PortOutOfRange`], [`WsError::TlsUnavailable`]).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn build(self) -> Result<(WsClient, Incoming), WsError>
+    where
+        B: MakeBackoff + Clone + Send + 'static,
+        B::Backoff: Send,
+        <B::Backoff as Backoff>::Future: Send + 'static,
+    {
+        endpoint_of(&(self.request)())?;
+        let (incoming_tx, incoming_rx) = mpsc::channel(self.incoming_capacity);
+        let request = Arc::clone(&self.request);
+        let base = (self.configure)(ReconnectLayer::with_target_fn(move || request()));
+        let handle = base.handle();
+        let shared = Arc::new(Shared {
+            outbox: Mutex::new(Outbox::default()),
+            written: watch::Sender::new(0),
+            wake_writer: Notify::new(),
+            space: Notify::new(),
+            states: handle.subscribe(),
+            incoming: incoming_tx,
+            settings: Settings {
+                capacity: self.capacity,
+                when_full: self.when_full,
+                heartbeat: self.heartbeat,
+                close_code: self.close_code,
+                close_reason: self.close_reason,
+                close_step_timeout: self.close_step_timeout,
+                reconnect_on_normal_close: self.reconnect_on_normal_close,
+                ack: self.ack,
+            },
+        });
+        let monitor = {
+            let shared = Arc::clone(&shared);
+            move |conn: &WsConn, epoch: Epoch| {
+                let shared = Arc::clone(&shared);
+                let conn = conn.clone();
+                async move { conn::run(shared, conn, epoch).await }
+            }
+        };
+        let teardown = {
+            let shared = Arc::clone(&shared);
+            move |conn: WsConn, cause| conn::close(Arc::clone(&shared), conn, cause)
+        };
+        let layer = base
+            .with_backoff(self.backoff)
+            .with_teardown(teardown)
+            .with_monitor(monitor);
+        let connector = self.connector.map_response(WsConn::new);
+        let (service, driver) = layer.build(connector);
+        drop(service);
+        tokio::spawn(driver);
+        Ok((WsClient { shared, handle }, Incoming { rx: incoming_rx }))
+    }
+}

@@ -1,0 +1,210 @@
+//! One WebSocket connection as the layer manages it, its per-connection loop (the monitor) and
+//! its graceful close (the teardown).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream, StreamExt};
+use futures_util::{SinkExt, future};
+use tokio::sync::{Mutex, Notify};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use super::client::{Received, Shared};
+use super::connector::WsStream;
+use super::error::WsError;
+use crate::epoch::Epoch;
+use crate::error::BoxError;
+use crate::teardown::CloseCause;
+
+/// A managed WebSocket connection: a cheap handle shared by the client's writers, its monitor
+/// and its teardown.
+#[derive(Clone)]
+pub(crate) struct WsConn(Arc<ConnInner>);
+
+pub(crate) struct ConnInner {
+    pub(crate) sink: Mutex<SplitSink<WsStream, Message>>,
+    stream: Mutex<SplitStream<WsStream>>,
+    /// The epoch it was installed at (never set for a connection discarded as stale).
+    epoch: OnceLock<Epoch>,
+    /// A writer failed on this connection: the monitor reports it.
+    broken: Notify,
+}
+
+impl WsConn {
+    pub(crate) fn new(stream: WsStream) -> Self {
+        let (sink, stream) = stream.split();
+        WsConn(Arc::new(ConnInner {
+            sink: Mutex::new(sink),
+            stream: Mutex::new(stream),
+            epoch: OnceLock::new(),
+            broken: Notify::new(),
+        }))
+    }
+
+    pub(crate) fn inner(&self) -> &ConnInner {
+        &self.0
+    }
+
+    pub(crate) fn mark_broken(&self) {
+        self.0.broken.notify_one();
+    }
+}
+
+/// The monitor: runs while the connection is installed. It re-queues unacknowledged messages
+/// (at-least-once), writes what is queued, reads and delivers incoming messages tagged with the
+/// epoch, answers pings, sends heartbeats, and ends with `Ok` on a normal close by the peer or
+/// `Err` on any failure: the layer turns those into a release or a reconnect for this epoch.
+pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Result<(), BoxError> {
+    let incoming = shared.incoming().clone();
+    let _ = conn.0.epoch.set(epoch);
+    let _current = shared.install(epoch, conn.clone());
+    shared.drain(&conn).await?;
+
+    let mut stream = conn.0.stream.lock().await;
+    let heartbeat = shared.settings.heartbeat;
+    let mut next_ping = heartbeat.map(|h| Instant::now() + h.interval);
+    let mut pong_due: Option<Instant> = None;
+    loop {
+        let ping_at = next_ping.map(sleep_until);
+        let pong_at = pong_due.map(sleep_until);
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(message)) => match message {
+                    Message::Text(_) | Message::Binary(_) => {
+                        shared.received(&message);
+                        // Backpressure: a slow consumer slows the reader, nothing is dropped.
+                        let _ = incoming.send(Received { epoch, message }).await;
+                    }
+                    // tungstenite queued the pong; write it out.
+                    Message::Ping(_) => flush(&conn).await?,
+                    Message::Pong(_) => pong_due = None,
+                    Message::Close(frame) => {
+                        // Send tungstenite's queued close reply before the connection goes.
+                        let _ = flush(&conn).await;
+                        return peer_closed(frame, shared.settings.reconnect_on_normal_close);
+                    }
+                    Message::Frame(_) => {}
+                },
+                Some(Err(error)) => return Err(WsError::Transport(error).into()),
+                None => return Err(WsError::Dropped.into()),
+            },
+            () = shared.wake_writer.notified() => shared.drain(&conn).await?,
+            () = conn.0.broken.notified() => return Err(WsError::Dropped.into()),
+            () = maybe(ping_at) => {
+                let h = heartbeat.expect("armed only with a heartbeat");
+                let mut sink = conn.0.sink.lock().await;
+                sink.send(Message::Ping(Default::default()))
+                    .await
+                    .map_err(WsError::Transport)?;
+                tracing::trace!(%epoch, "ping");
+                next_ping = Some(Instant::now() + h.interval);
+                pong_due.get_or_insert(Instant::now() + h.timeout);
+            }
+            () = maybe(pong_at) => {
+                let h = heartbeat.expect("armed only with a heartbeat");
+                tracing::debug!(%epoch, "no pong in time");
+                return Err(WsError::HeartbeatTimeout(h.timeout).into());
+            }
+        }
+    }
+}
+
+async fn maybe(sleep: Option<tokio::time::Sleep>) {
+    match sleep {
+        Some(sleep) => sleep.await,
+        None => future::pending().await,
+    }
+}
+
+async fn flush(conn: &WsConn) -> Result<(), WsError> {
+    conn.0
+        .sink
+        .lock()
+        .await
+        .flush()
+        .await
+        .map_err(WsError::Transport)
+}
+
+fn peer_closed(frame: Option<CloseFrame>, reconnect_on_normal: bool) -> Result<(), BoxError> {
+    let (code, reason) = match frame {
+        Some(frame) => (frame.code, frame.reason.to_string()),
+        None => (CloseCode::Status, String::new()),
+    };
+    if code == CloseCode::Normal && !reconnect_on_normal {
+        Ok(())
+    } else {
+        Err(WsError::PeerClosed { code, reason }.into())
+    }
+}
+
+/// The teardown. A deliberate disconnect (or suspend, or shutdown) first writes what is queued
+/// (P18), then sends Close with the configured code and reason and waits for the peer's Close;
+/// each step is bounded, and the layer's close timeout bounds the whole. A failed connection is
+/// dropped at once.
+pub(crate) async fn close(shared: Arc<Shared>, conn: WsConn, cause: CloseCause) {
+    let settings = &shared.settings;
+    let step = settings.close_step_timeout;
+    match cause {
+        CloseCause::Failed => return,
+        CloseCause::Ended => {
+            // The peer closed; tungstenite queued the reply.
+            let _ = timeout(step, conn.0.sink.lock().await.close()).await;
+            return;
+        }
+        _ => {}
+    }
+    let deliberate = matches!(
+        cause,
+        CloseCause::Disconnect | CloseCause::Suspend | CloseCause::Shutdown
+    );
+    if deliberate && timeout(step, shared.drain(&conn)).await.is_err() {
+        tracing::debug!("writing the queue before close timed out");
+    }
+    let frame = CloseFrame {
+        code: settings.close_code,
+        reason: settings.close_reason.clone().into(),
+    };
+    let sent = timeout(step, async {
+        conn.0
+            .sink
+            .lock()
+            .await
+            .send(Message::Close(Some(frame)))
+            .await
+    })
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    let epoch = conn.0.epoch.get().copied();
+    let wait = async {
+        let mut stream = conn.0.stream.lock().await;
+        while let Some(Ok(message)) = stream.next().await {
+            match message {
+                Message::Close(_) => return,
+                Message::Text(_) | Message::Binary(_) => {
+                    // Late data of an installed connection still counts (acks, above all).
+                    shared.received(&message);
+                    if let Some(epoch) = epoch {
+                        let _ = shared.incoming().try_send(Received { epoch, message });
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+    if timeout(step, wait).await.is_err() {
+        tracing::debug!("the peer did not answer the close in time; dropping the socket");
+    }
+}
+
+/// Bounds for the heartbeat.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Heartbeat {
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+}

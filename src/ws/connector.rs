@@ -1,0 +1,248 @@
+//! [`WsConnector`]: a tower service that opens WebSocket connections.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tower_service::Service;
+
+use super::error::WsError;
+
+/// A byte stream a WebSocket runs over: TCP, TLS over TCP, or anything a [`Dial`] returns.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A boxed [`Io`].
+pub type BoxIo = Box<dyn Io>;
+
+/// The WebSocket stream [`WsConnector`] produces.
+pub type WsStream = WebSocketStream<BoxIo>;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Opens the byte stream to `host:port`. The default, [`TcpDial`], uses tokio's `TcpStream`;
+/// tests plug in a simulated network here.
+pub trait Dial: Send + Sync + 'static {
+    /// Opens a stream to `host:port`.
+    fn dial(&self, host: &str, port: u16) -> BoxFuture<io::Result<BoxIo>>;
+}
+
+/// Dials with tokio's `TcpStream`, with `TCP_NODELAY` set (WebSocket frames are small).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpDial;
+
+impl Dial for TcpDial {
+    fn dial(&self, host: &str, port: u16) -> BoxFuture<io::Result<BoxIo>> {
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        Box::pin(async move {
+            let stream = TcpStream::connect((host.as_str(), port)).await?;
+            stream.set_nodelay(true)?;
+            Ok(Box::new(stream) as BoxIo)
+        })
+    }
+}
+
+/// Where a WebSocket connection goes, checked before any socket is opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `true` for `wss`.
+    pub secure: bool,
+    /// The host, as written in the URL (IPv6 addresses keep their brackets).
+    pub host: String,
+    /// The port: explicit, or 80/443 by scheme.
+    pub port: u16,
+}
+
+/// Checks a request's URL: scheme `ws` or `wss`, a non-empty host, a port in `1..=65535`, and
+/// TLS support compiled in for `wss`.
+///
+/// tungstenite alone maps an out-of-range port such as `ws://h:99999` to port 80; this check
+/// rejects it with [`WsError::PortOutOfRange`].
+///
+/// ```
+/// use tower_epoch::ws::{WsError, endpoint};
+///
+/// assert!(endpoint(&"ws://127.0.0.1:9001/socket").is_ok());
+/// assert!(matches!(endpoint(&"http://127.0.0.1/"), Err(WsError::UnsupportedScheme(_))));
+/// assert!(matches!(endpoint(&"ws://h:99999/"), Err(WsError::PortOutOfRange(_))));
+/// ```
+pub fn endpoint<R: IntoClientRequest + Clone>(request: &R) -> Result<Endpoint, WsError> {
+    let request = request
+        .clone()
+        .into_client_request()
+        .map_err(|e| WsError::InvalidUrl(e.to_string()))?;
+    endpoint_of(&request)
+}
+
+pub(crate) fn endpoint_of(request: &Request) -> Result<Endpoint, WsError> {
+    let uri = request.uri();
+    let secure = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        other => return Err(WsError::UnsupportedScheme(other.unwrap_or("").to_string())),
+    };
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    // Drop user info; what is left is `host[:port]`, the host possibly a bracketed IPv6.
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, tail)) => (format!("[{v6}]"), tail.strip_prefix(':')),
+            None => return Err(WsError::InvalidUrl(format!("unclosed IPv6 host in {uri}"))),
+        },
+        None => match host_port.rsplit_once(':') {
+            Some((host, port)) => (host.to_string(), Some(port)),
+            None => (host_port.to_string(), None),
+        },
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(WsError::EmptyHost);
+    }
+    let port = match port {
+        None | Some("") => {
+            if secure {
+                443
+            } else {
+                80
+            }
+        }
+        Some(digits) => match digits.parse::<u64>() {
+            Ok(port @ 1..=65535) => port as u16,
+            _ => return Err(WsError::PortOutOfRange(digits.to_string())),
+        },
+    };
+    if secure && !cfg!(feature = "tls") {
+        return Err(WsError::TlsUnavailable);
+    }
+    Ok(Endpoint { secure, host, port })
+}
+
+/// A tower service that opens WebSocket connections: `Service<Request>` (an `http` request
+/// whose headers, such as an auth token, are sent with the upgrade), answering a
+/// [`WsStream`].
+///
+/// Each call validates the request with [`endpoint`] before any socket is opened, dials with
+/// its [`Dial`], wraps `wss` in TLS (feature `tls`), and performs the upgrade. A rejected
+/// upgrade (a 503, say) is [`WsError::Rejected`] with the status, a malformed answer
+/// [`WsError::Handshake`]: typed failures that go through the layer's backoff. The whole call
+/// is bounded by the layer's connect timeout.
+///
+/// ```no_run
+/// use tower::{Service, ServiceExt};
+/// use tower_epoch::ws::WsConnector;
+/// use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+///
+/// # async fn f() -> Result<(), tower_epoch::ws::WsError> {
+/// let mut connector = WsConnector::new();
+/// let request = "ws://127.0.0.1:9001/socket".into_client_request().unwrap();
+/// let stream = connector.ready().await?.call(request).await?;
+/// # drop(stream); Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct WsConnector {
+    dial: Arc<dyn Dial>,
+    config: WebSocketConfig,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Default for WsConnector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for WsConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsConnector")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WsConnector {
+    /// A connector over TCP with tungstenite's default limits.
+    pub fn new() -> Self {
+        WsConnector {
+            dial: Arc::new(TcpDial),
+            config: WebSocketConfig::default(),
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+
+    /// Opens byte streams with `dial` instead of TCP.
+    pub fn with_dial(mut self, dial: impl Dial) -> Self {
+        self.dial = Arc::new(dial);
+        self
+    }
+
+    /// tungstenite's protocol settings (message and frame size limits, write buffer).
+    pub fn with_config(mut self, config: WebSocketConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The rustls client configuration for `wss` (default: the webpki roots).
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    fn connect(&self, request: Request) -> BoxFuture<Result<WsStream, WsError>> {
+        let endpoint = match endpoint_of(&request) {
+            Ok(endpoint) => endpoint,
+            Err(error) => return Box::pin(std::future::ready(Err(error))),
+        };
+        let dial = Arc::clone(&self.dial);
+        let config = self.config;
+        #[cfg(feature = "tls")]
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let io = dial
+                .dial(&endpoint.host, endpoint.port)
+                .await
+                .map_err(WsError::Io)?;
+            #[cfg(feature = "tls")]
+            let io = if endpoint.secure {
+                super::tls::wrap(io, &endpoint.host, tls).await?
+            } else {
+                io
+            };
+            let (stream, _response) =
+                tokio_tungstenite::client_async_with_config(request, io, Some(config))
+                    .await
+                    .map_err(WsError::from_handshake)?;
+            Ok(stream)
+        })
+    }
+}
+
+impl Service<Request> for WsConnector {
+    type Response = WsStream;
+    type Error = WsError;
+    type Future = BoxFuture<Result<WsStream, WsError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        self.connect(request)
+    }
+}
