@@ -280,7 +280,8 @@ impl Core {
     }
 
     /// A failure of the connection installed at `epoch` (rule 3: ignored unless it is installed).
-    pub(crate) fn report_failure(&self, epoch: Epoch, error: SharedError) -> bool {
+    pub(crate) fn report_failure(&self, epoch: Epoch, error: Error) -> bool {
+        let error = SharedError::new(error);
         let mut m = self.lock();
         match m.slot.take_if(|(e, _)| *e == epoch) {
             Some((_, conn)) => {
@@ -407,7 +408,7 @@ impl Core {
             Err(error) if current => {
                 m.ledger.failures += 1;
                 tracing::debug!(%epoch, %error, "connect attempt failed");
-                self.schedule_retry(&mut m, epoch, Arc::new(error));
+                self.schedule_retry(&mut m, epoch, SharedError::new(error));
             }
             Err(error) => {
                 m.ledger.ignored += 1;

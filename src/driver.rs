@@ -236,7 +236,7 @@ where
                 let (epoch, _) = watching.take().expect("guarded by the branch condition");
                 match ended {
                     Ok(()) => core.report_closed(epoch),
-                    Err(error) => core.report_failure(epoch, Arc::new(Error::ConnectionFailed(shared(error)))),
+                    Err(error) => core.report_failure(epoch, Error::connection_failed(error)),
                 };
             }
             () = core.driver_notified() => {}
@@ -245,5 +245,5 @@ where
 }
 
 fn shared(error: impl Into<BoxError>) -> SharedError {
-    Arc::from(error.into())
+    SharedError::from(error.into())
 }

@@ -1,5 +1,7 @@
 //! The crate's one error type.
 
+use std::fmt;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,8 +10,46 @@ use crate::epoch::Epoch;
 /// A type-erased error, as tower uses for middleware errors.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// A shared, cloneable error: how the published [`State`](crate::State) carries the last failure.
-pub type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+/// A shared, cloneable error: how the published [`State`](crate::State) and [`Error`] carry a
+/// cause.
+///
+/// It dereferences to the error itself (`dyn Error`), so `downcast_ref` reaches the original
+/// type, and as the `source()` of an [`Error`] it is that original error, not a wrapper.
+#[derive(Clone)]
+pub struct SharedError(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl SharedError {
+    /// Shares `error`.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SharedError(Arc::new(error))
+    }
+}
+
+impl From<BoxError> for SharedError {
+    fn from(error: BoxError) -> Self {
+        SharedError(Arc::from(error))
+    }
+}
+
+impl Deref for SharedError {
+    type Target = dyn std::error::Error + Send + Sync + 'static;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl fmt::Debug for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
 
 /// Everything that can go wrong in `tower-epoch`.
 ///
@@ -66,4 +106,11 @@ pub enum Error {
     /// connection.
     #[error("resume token belongs to another connection")]
     ForeignToken,
+}
+
+impl Error {
+    /// A failure of the installed connection, caused by `error`.
+    pub fn connection_failed(error: impl Into<BoxError>) -> Error {
+        Error::ConnectionFailed(SharedError::from(error.into()))
+    }
 }

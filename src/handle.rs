@@ -9,7 +9,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::core::{Core, ResumeToken};
 use crate::epoch::{Epoch, Stamp};
-use crate::error::{BoxError, Error, SharedError};
+use crate::error::{BoxError, Error};
 use crate::state::{Ledger, State};
 use crate::teardown::CloseCause;
 
@@ -136,9 +136,8 @@ impl Handle {
     /// to teardown and, the intent being connected, a reconnect is scheduled after the backoff.
     /// Returns whether it took effect.
     pub fn report_failure(&self, epoch: Epoch, error: impl Into<BoxError>) -> bool {
-        let error: SharedError = Arc::from(error.into());
         self.core
-            .report_failure(epoch, Arc::new(Error::ConnectionFailed(error)))
+            .report_failure(epoch, Error::connection_failed(error))
     }
 
     /// Reports that the peer ended the connection installed at `epoch` normally (a WebSocket

@@ -26,9 +26,16 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// What a response future needs to report a classified failure: 16 bytes, so the future stays
+/// small on the hot path.
 pub(crate) struct Classify {
-    pub(crate) core: Arc<Core>,
     pub(crate) epoch: Epoch,
+    pub(crate) ctx: Arc<ClassifyCtx>,
+}
+
+/// The connection's core and the failure predicate, shared by a service and its clones.
+pub(crate) struct ClassifyCtx {
+    pub(crate) core: Arc<Core>,
     pub(crate) is_failure: IsFailure,
 }
 
@@ -52,10 +59,9 @@ where
             Err(error) => {
                 let error: BoxError = error.into();
                 match this.classify.take() {
-                    Some(c) if (c.is_failure)(&*error) => {
-                        let error: SharedError = Arc::from(error);
-                        let failure = Error::ConnectionFailed(error);
-                        c.core.report_failure(c.epoch, Arc::new(failure.clone()));
+                    Some(c) if (c.ctx.is_failure)(&*error) => {
+                        let failure = Error::ConnectionFailed(SharedError::from(error));
+                        c.ctx.core.report_failure(c.epoch, failure.clone());
                         Err(Box::new(failure))
                     }
                     _ => Err(error),

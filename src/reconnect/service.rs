@@ -8,10 +8,10 @@ use tower_service::Service;
 
 use crate::core::{Checkout, Core};
 use crate::epoch::Epoch;
-use crate::error::{BoxError, Error, SharedError};
+use crate::error::{BoxError, Error};
 use crate::handle::Handle;
 
-use super::future::{Classify, ResponseFuture};
+use super::future::{Classify, ClassifyCtx, ResponseFuture};
 
 /// A predicate that classifies a response error as a failure of the connection.
 pub(crate) type IsFailure =
@@ -60,7 +60,7 @@ pub struct Reconnect<C> {
     waiter: u64,
     registered: bool,
     when_disconnected: WhenDisconnected,
-    is_failure: Option<IsFailure>,
+    classify: Option<Arc<ClassifyCtx>>,
 }
 
 impl<C> Reconnect<C> {
@@ -69,6 +69,12 @@ impl<C> Reconnect<C> {
         when_disconnected: WhenDisconnected,
         is_failure: Option<IsFailure>,
     ) -> Self {
+        let classify = is_failure.map(|is_failure| {
+            Arc::new(ClassifyCtx {
+                core: Arc::clone(&core),
+                is_failure,
+            })
+        });
         Reconnect {
             waiter: core.next_waiter_id(),
             handle: Handle::new(core),
@@ -76,7 +82,7 @@ impl<C> Reconnect<C> {
             ready: false,
             registered: false,
             when_disconnected,
-            is_failure,
+            classify,
         }
     }
 
@@ -104,61 +110,93 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<C::Future>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        loop {
-            if let Some((epoch, conn)) = &mut self.conn {
-                if self.handle.core().is_installed(*epoch) {
-                    match conn.poll_ready(cx) {
-                        Poll::Ready(Ok(())) => {
-                            self.ready = true;
-                            return Poll::Ready(Ok(()));
-                        }
-                        Poll::Ready(Err(error)) => {
-                            let error: SharedError = Arc::from(error.into());
-                            let epoch = *epoch;
-                            self.core()
-                                .report_failure(epoch, Arc::new(Error::ConnectionFailed(error)));
-                        }
-                        Poll::Pending => {
-                            // Also wake on a release, so a task is not left waiting on a
-                            // connection that is no longer installed.
-                            let epoch = *epoch;
-                            self.wait(cx);
-                            // The release may have happened before we registered.
-                            if self.handle.core().is_installed(epoch) {
-                                return Poll::Pending;
-                            }
+        // The fast path, small enough to inline into the caller: the cached connection is still
+        // the installed one (one atomic load) and is ready. Everything else is out of line.
+        if let Some((epoch, conn)) = &mut self.conn {
+            if self.handle.core().is_installed(*epoch) {
+                let polled = conn.poll_ready(cx);
+                if let Poll::Ready(Ok(())) = polled {
+                    self.ready = true;
+                    return Poll::Ready(Ok(()));
+                }
+                return poll_ready_slow::<C, Req>(self, cx, Some(polled));
+            }
+        }
+        poll_ready_slow::<C, Req>(self, cx, None)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        // Readiness is only ever reserved on a cached connection.
+        let (epoch, conn) = match (std::mem::take(&mut self.ready), self.conn.as_mut()) {
+            (true, Some(reserved)) => reserved,
+            _ => not_ready(),
+        };
+        let classify = self.classify.as_ref().map(|ctx| Classify {
+            epoch: *epoch,
+            ctx: Arc::clone(ctx),
+        });
+        ResponseFuture::new(conn.call(req), classify)
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn not_ready() -> ! {
+    panic!(
+        "Reconnect::call without readiness: poll_ready must return Ready(Ok(())) before each call"
+    )
+}
+
+/// Everything but the fast path of `poll_ready`: failures, waiting, checking out a connection.
+/// `polled` is the cached connection's readiness when the fast path already polled it.
+#[cold]
+#[inline(never)]
+fn poll_ready_slow<C, Req>(
+    this: &mut Reconnect<C>,
+    cx: &mut Context<'_>,
+    mut polled: Option<Poll<Result<(), C::Error>>>,
+) -> Poll<Result<(), BoxError>>
+where
+    C: Service<Req> + Clone + Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    loop {
+        if let Some((epoch, conn)) = &mut this.conn {
+            let epoch = *epoch;
+            if this.handle.core().is_installed(epoch) {
+                match polled.take().unwrap_or_else(|| conn.poll_ready(cx)) {
+                    Poll::Ready(Ok(())) => {
+                        this.ready = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Ready(Err(error)) => {
+                        this.core()
+                            .report_failure(epoch, Error::connection_failed(error));
+                    }
+                    Poll::Pending => {
+                        // Also wake on a release, so the task is not left waiting on a
+                        // connection that is no longer installed.
+                        this.wait(cx);
+                        // The release may have happened before we registered.
+                        if this.handle.core().is_installed(epoch) {
+                            return Poll::Pending;
                         }
                     }
                 }
-                self.conn = None;
             }
-            let fail_fast = self.when_disconnected == WhenDisconnected::FailFast;
-            match self.core().checkout::<C>(self.waiter, cx, fail_fast)? {
-                Checkout::Installed(epoch, conn) => self.conn = Some((epoch, conn)),
-                Checkout::Wait => {
-                    self.registered = true;
-                    return Poll::Pending;
-                }
+            this.conn = None;
+        }
+        let fail_fast = this.when_disconnected == WhenDisconnected::FailFast;
+        match this.core().checkout::<C>(this.waiter, cx, fail_fast)? {
+            Checkout::Installed(epoch, conn) => this.conn = Some((epoch, conn)),
+            Checkout::Wait => {
+                this.registered = true;
+                return Poll::Pending;
             }
         }
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        assert!(
-            std::mem::take(&mut self.ready),
-            "Reconnect::call without readiness: poll_ready must return Ready(Ok(())) before each call"
-        );
-        let (epoch, conn) = self
-            .conn
-            .as_mut()
-            .expect("readiness is only reserved on an installed connection");
-        let classify = self.is_failure.as_ref().map(|is_failure| Classify {
-            core: Arc::clone(self.handle.core()),
-            epoch: *epoch,
-            is_failure: Arc::clone(is_failure),
-        });
-        ResponseFuture::new(conn.call(req), classify)
     }
 }
 
@@ -172,7 +210,7 @@ impl<C: Clone> Clone for Reconnect<C> {
             ready: false,
             registered: false,
             when_disconnected: self.when_disconnected,
-            is_failure: self.is_failure.clone(),
+            classify: self.classify.clone(),
         }
     }
 }

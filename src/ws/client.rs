@@ -251,16 +251,15 @@ impl Shared {
         }
         let mut outbox = self.lock();
         let seq = outbox.next_seq + 1;
-        if outbox.held() >= self.settings.capacity {
-            drop(outbox);
-            return Err(SendError::Full {
-                message: make(seq),
-                capacity: self.settings.capacity,
-            });
-        }
         let message = make(seq);
         if !matches!(message, Message::Text(_) | Message::Binary(_)) {
             return Err(SendError::NotData(message));
+        }
+        if outbox.held() >= self.settings.capacity {
+            return Err(SendError::Full {
+                message,
+                capacity: self.settings.capacity,
+            });
         }
         outbox.next_seq = seq;
         let was_empty = outbox.queue.is_empty();

@@ -88,7 +88,7 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Resu
                     }
                     Message::Frame(_) => {}
                 },
-                Some(Err(error)) => return Err(WsError::Transport(error).into()),
+                Some(Err(error)) => return Err(WsError::from_read(error).into()),
                 None => return Err(WsError::Dropped.into()),
             },
             () = shared.wake_writer.notified() => shared.drain(&conn).await?,

@@ -64,6 +64,29 @@ pub enum WsError {
 }
 
 impl WsError {
+    /// A read error of an open connection: a reset or end of stream without a Close frame is
+    /// [`WsError::Dropped`] (an abnormal closure, 1006), anything else a transport error.
+    pub(crate) fn from_read(error: tungstenite::Error) -> WsError {
+        use tungstenite::error::ProtocolError;
+        match &error {
+            tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+                WsError::Dropped
+            }
+            tungstenite::Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                WsError::Dropped
+            }
+            _ => WsError::Transport(error),
+        }
+    }
+
     pub(crate) fn from_handshake(error: tungstenite::Error) -> WsError {
         match error {
             tungstenite::Error::Http(response) => WsError::Rejected {

@@ -1,0 +1,506 @@
+//! The WebSocket client against an in-process tokio-tungstenite server on 127.0.0.1: the
+//! buffering and close scenarios (P8, P11, P17, P18), the close handshake, epoch tags, the
+//! queue bound, faults of a misbehaving server, and bad input.
+//!
+//! These talk over real sockets, so they run in real time; every wait is bounded.
+
+mod ws_support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::time::timeout;
+use tower::ServiceExt;
+use tower_epoch::State;
+use tower_epoch::backoff::Schedule;
+use tower_epoch::ws::{
+    CloseCode, Message, SendError, WhenFull, WsClient, WsClientBuilder, WsConnector, WsError,
+};
+use ws_support::*;
+
+const MS: Duration = Duration::from_millis(1);
+
+fn builder(url: String) -> WsClientBuilder<Schedule> {
+    WsClient::builder(url)
+        .unwrap()
+        .backoff(Schedule::new([20 * MS]).unwrap())
+        .no_heartbeat()
+        .close_step_timeout(300 * MS)
+        .layer(|l| {
+            l.with_connect_timeout(300 * MS)
+                .with_close_timeout(Duration::from_secs(1))
+        })
+}
+
+fn text(s: &str) -> Message {
+    Message::text(s.to_string())
+}
+
+#[tokio::test]
+async fn p17_a_send_while_connected_writes_at_once_and_queued_sends_flush_in_order() {
+    let server = TestServer::start(Behaviour::Echo { ack: false }).await;
+    let (client, _incoming) = builder(server.url()).build().unwrap();
+    client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+
+    timeout(Duration::from_secs(1), client.send(text("now")))
+        .await
+        .expect("written at once")
+        .unwrap();
+    server
+        .wait_for("the message", |e| e.contains(&Event::Text(1, "now".into())))
+        .await;
+
+    client.handle().disconnect().await;
+    for m in ["q1", "q2", "q3"] {
+        client.feed(text(m)).unwrap();
+    }
+    // `send` accepts the message when called; the future only reports the write.
+    let waiting = tokio::spawn(client.send(text("q4")));
+    assert_eq!(client.stats().held, 4, "queued while disconnected");
+    assert_eq!(
+        server.texts(),
+        vec!["now"],
+        "nothing written while disconnected"
+    );
+    client.handle().connect().unwrap();
+    let seq = timeout(Duration::from_secs(2), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(seq, 5);
+    server
+        .wait_for("the queue", |e| {
+            e.len() > 5 && e.iter().any(|e| *e == Event::Text(2, "q4".into()))
+        })
+        .await;
+    assert_eq!(
+        server.texts(),
+        vec!["now", "q1", "q2", "q3", "q4"],
+        "flushed in order"
+    );
+    assert_eq!(client.stats().held, 0);
+}
+
+#[tokio::test]
+async fn p18_a_graceful_disconnect_writes_the_queue_before_the_close_frame() {
+    let server = TestServer::start(Behaviour::Echo { ack: false }).await;
+    let (client, _incoming) = builder(server.url())
+        .close_with(CloseCode::Away, "navigating away")
+        .build()
+        .unwrap();
+    client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    for i in 0..50 {
+        client.feed(text(&format!("m{i}"))).unwrap();
+    }
+    timeout(Duration::from_secs(2), client.handle().disconnect())
+        .await
+        .expect("the close handshake completes");
+    let events = server.events();
+    let close = events
+        .iter()
+        .position(|e| matches!(e, Event::Close(..)))
+        .expect("a Close frame");
+    let texts: Vec<_> = events[..close]
+        .iter()
+        .filter_map(|e| match e {
+            Event::Text(_, t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(texts, (0..50).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        events[close],
+        Event::Close(1, Some((1001, "navigating away".into()))),
+        "with the configured code and reason"
+    );
+    server.wait_all_ended().await;
+    assert!(matches!(client.handle().state(), State::Idle));
+}
+
+#[tokio::test]
+async fn p8_peer_close_codes_normal_does_not_reconnect_abnormal_does() {
+    for (behaviour, reconnects) in [
+        (Behaviour::CloseAfterFirst(1000), false),
+        (Behaviour::CloseAfterFirst(1001), true),
+        (Behaviour::DropAfterFirst, true),
+    ] {
+        let server = TestServer::start(behaviour.clone()).await;
+        let (client, _incoming) = builder(server.url()).build().unwrap();
+        client.handle().connect().unwrap();
+        wait_state(&client, "connected", State::is_connected).await;
+        client.send(text("hi")).await.unwrap();
+        if reconnects {
+            let state = wait_state(&client, "retrying", |s| {
+                matches!(s, State::WaitingToRetry { .. })
+            })
+            .await;
+            let error = ws_error(&state).unwrap();
+            assert!(
+                error.contains("PeerClosed") || error.contains("Dropped"),
+                "{behaviour:?}: {error}"
+            );
+            server
+                .wait_for("a reconnect", |e| e.contains(&Event::Accepted(2)))
+                .await;
+        } else {
+            wait_state(&client, "idle", |s| matches!(s, State::Idle)).await;
+            tokio::time::sleep(100 * MS).await; // room for a wrong reconnect to show
+            assert_eq!(
+                server.accepts.load(std::sync::atomic::Ordering::SeqCst),
+                1,
+                "{behaviour:?}"
+            );
+            assert_eq!(client.handle().ledger().attempts, 1);
+        }
+    }
+}
+
+#[tokio::test]
+async fn p11_no_heartbeat_after_a_deliberate_disconnect() {
+    let server = TestServer::start(Behaviour::Echo { ack: false }).await;
+    let (client, _incoming) = builder(server.url())
+        .heartbeat(30 * MS, 200 * MS)
+        .build()
+        .unwrap();
+    client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    server
+        .wait_for("three pings", |e| {
+            e.iter().filter(|e| matches!(e, Event::Ping(_))).count() >= 3
+        })
+        .await;
+    client.handle().disconnect().await;
+    let pings = |events: Vec<Event>| {
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Ping(_)))
+            .count()
+    };
+    let after = pings(server.events());
+    tokio::time::sleep(300 * MS).await; // ten heartbeat intervals and a pong deadline
+    assert_eq!(
+        pings(server.events()),
+        after,
+        "no ping after the disconnect"
+    );
+    assert!(matches!(client.handle().state(), State::Idle));
+    assert_eq!(
+        client.handle().ledger().failures,
+        0,
+        "no heartbeat timeout fired"
+    );
+}
+
+#[tokio::test]
+async fn the_disconnect_waits_for_the_peers_close_within_its_bound() {
+    let server = TestServer::start(Behaviour::SlowClose(150 * MS)).await;
+    let (client, _incoming) = builder(server.url()).build().unwrap();
+    client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    let started = std::time::Instant::now();
+    client.handle().disconnect().await;
+    let took = started.elapsed();
+    assert!(took >= 140 * MS, "waited for the peer's Close: {took:?}");
+    assert!(took < 300 * MS, "and no longer: {took:?}");
+    server.wait_all_ended().await;
+}
+
+#[tokio::test]
+async fn incoming_messages_carry_the_epoch_of_their_connection() {
+    let server = TestServer::start(Behaviour::Echo { ack: false }).await;
+    let (client, mut incoming) = builder(server.url()).build().unwrap();
+    let first = client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    client.send(text("one")).await.unwrap();
+    let received = timeout(Duration::from_secs(1), incoming.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((received.epoch, received.message), (first, text("one")));
+
+    client.handle().disconnect().await;
+    let second = client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    client.send(text("two")).await.unwrap();
+    let received = timeout(Duration::from_secs(1), incoming.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((received.epoch, received.message), (second, text("two")));
+    assert!(second > first);
+}
+
+#[tokio::test]
+async fn the_queue_is_bounded_and_fails_or_waits_as_chosen() {
+    let server = TestServer::start(Behaviour::Echo { ack: false }).await;
+    // Fail: the message comes back in the error.
+    let (client, _incoming) = builder(server.url())
+        .queue_capacity(2)
+        .when_full(WhenFull::Fail)
+        .build()
+        .unwrap();
+    client.feed(text("a")).unwrap();
+    client.feed(text("b")).unwrap();
+    match client.feed(text("c")) {
+        Err(SendError::Full {
+            message,
+            capacity: 2,
+        }) => assert_eq!(message, text("c")),
+        other => panic!("expected full, got {other:?}"),
+    }
+    match client.send(text("d")).await {
+        Err(SendError::Full { message, .. }) => assert_eq!(message, text("d")),
+        other => panic!("expected full, got {other:?}"),
+    }
+    assert!(matches!(
+        client.feed(Message::Ping(Default::default())),
+        Err(SendError::NotData(_))
+    ));
+
+    // Wait: the send is accepted when room frees up, i.e. once connected and written.
+    let (client, _incoming) = builder(server.url()).queue_capacity(2).build().unwrap();
+    client.feed(text("a")).unwrap();
+    client.feed(text("b")).unwrap();
+    let waiting = tokio::spawn(client.send(text("c")));
+    tokio::time::sleep(50 * MS).await;
+    assert!(!waiting.is_finished(), "waits for room");
+    assert_eq!(client.stats().accepted, 2);
+    client.handle().connect().unwrap();
+    assert_eq!(
+        timeout(Duration::from_secs(2), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        3
+    );
+    server
+        .wait_for("all three", |e| e.contains(&Event::Text(1, "c".into())))
+        .await;
+    assert_eq!(server.texts(), vec!["a", "b", "c"]);
+}
+
+// ---- faults of a misbehaving server ------------------------------------------------------
+
+async fn fault(behaviour: Behaviour, expect: &str) {
+    let server = TestServer::start(behaviour.clone()).await;
+    let (client, _incoming) = builder(server.url()).build().unwrap();
+    client.handle().connect().unwrap();
+    let state = wait_state(&client, "a failure", |s| {
+        matches!(s, State::WaitingToRetry { .. })
+    })
+    .await;
+    let error = ws_error(&state).unwrap_or_default();
+    assert!(
+        error.contains(expect),
+        "{behaviour:?}: expected {expect}, got {error} ({state})"
+    );
+    // It keeps trying, with backoff.
+    server
+        .wait_for("a retry", |e| e.contains(&Event::Accepted(2)))
+        .await;
+    client.handle().disconnect().await;
+    drop(client);
+    // Every socket the client opened was closed, exactly once (the server saw each end), and
+    // nothing stale was installed.
+    server.wait_all_ended().await;
+}
+
+#[tokio::test]
+async fn fault_handshake_never_answered_is_cut_at_the_connect_timeout() {
+    fault(Behaviour::SilentHandshake, "ConnectTimeout").await;
+}
+
+#[tokio::test]
+async fn fault_503_is_a_typed_rejection() {
+    fault(Behaviour::Reject503, "Rejected { status: 503 }").await;
+}
+
+#[tokio::test]
+async fn fault_malformed_handshake_is_a_typed_failure() {
+    fault(Behaviour::Malformed, "Handshake").await;
+}
+
+#[tokio::test]
+async fn fault_drop_without_close_reconnects() {
+    let server = TestServer::start(Behaviour::DropAfterFirst).await;
+    let (client, _incoming) = builder(server.url()).build().unwrap();
+    client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    client.send(text("x")).await.unwrap();
+    let state = wait_state(&client, "a failure", |s| {
+        matches!(s, State::WaitingToRetry { .. })
+    })
+    .await;
+    assert!(ws_error(&state).unwrap().contains("Dropped"));
+    server.set(Behaviour::Echo { ack: false });
+    wait_state(&client, "reconnected", State::is_connected).await;
+    let l = client.handle().ledger();
+    assert_eq!((l.installed, l.discarded, l.failures), (2, 0, 1));
+}
+
+#[tokio::test]
+async fn fault_close_never_answered_is_cut_and_the_socket_dropped() {
+    let server = TestServer::start(Behaviour::IgnoreClose).await;
+    let (client, _incoming) = builder(server.url()).build().unwrap();
+    client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    let started = std::time::Instant::now();
+    timeout(Duration::from_secs(2), client.handle().disconnect())
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= 290 * MS && took < Duration::from_secs(1),
+        "cut at the close step bound: {took:?}"
+    );
+    server
+        .wait_for("the Close", |e| {
+            matches!(e.get(1), Some(Event::Close(1, _)))
+        })
+        .await;
+    server.wait_all_ended().await;
+    assert_eq!(client.handle().ledger().closed, 1);
+}
+
+#[tokio::test]
+async fn fault_silent_half_open_peer_is_found_by_the_heartbeat() {
+    let server = TestServer::start(Behaviour::StopReading).await;
+    let (client, _incoming) = builder(server.url())
+        .heartbeat(50 * MS, 100 * MS)
+        .build()
+        .unwrap();
+    let epoch = client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    let state = wait_state(&client, "a failure", |s| {
+        matches!(s, State::WaitingToRetry { .. })
+    })
+    .await;
+    assert!(matches!(state, State::WaitingToRetry { epoch: e, .. } if e == epoch));
+    assert!(
+        ws_error(&state).unwrap().contains("HeartbeatTimeout"),
+        "{state}"
+    );
+}
+
+// ---- bad input --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn every_invalid_url_gives_its_typed_error_and_opens_no_socket() {
+    let server = TestServer::start(Behaviour::Echo { ack: false }).await;
+    let port = server.addr.port();
+    let cases: Vec<(String, fn(&WsError) -> bool)> = vec![
+        (
+            format!("http://127.0.0.1:{port}/"),
+            |e| matches!(e, WsError::UnsupportedScheme(s) if s == "http"),
+        ),
+        (format!("ws://:{port}/"), |e| {
+            matches!(e, WsError::EmptyHost)
+        }),
+        (
+            "ws://127.0.0.1:99999/".to_string(),
+            |e| matches!(e, WsError::PortOutOfRange(p) if p == "99999"),
+        ),
+        (
+            "ws://127.0.0.1:0/".to_string(),
+            |e| matches!(e, WsError::PortOutOfRange(p) if p == "0"),
+        ),
+        ("not a url".to_string(), |e| {
+            matches!(e, WsError::InvalidUrl(_))
+        }),
+        #[cfg(not(feature = "tls"))]
+        (format!("wss://127.0.0.1:{port}/"), |e| {
+            matches!(e, WsError::TlsUnavailable)
+        }),
+    ];
+    for (url, expected) in cases {
+        // The builder refuses it...
+        match WsClient::builder(url.clone()) {
+            Err(error) => assert!(expected(&error), "{url}: {error:?}"),
+            Ok(_) => panic!("{url}: accepted"),
+        }
+        // ...and so does the connector, per call.
+        if let Ok(request) =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                url.as_str(),
+            )
+        {
+            let Err(error) = WsConnector::new().oneshot(request).await else {
+                panic!("{url}: connected");
+            };
+            assert!(expected(&error), "{url}: {error:?}");
+        }
+    }
+    tokio::time::sleep(20 * MS).await;
+    assert_eq!(
+        server.accepts.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no socket opened"
+    );
+}
+
+#[tokio::test]
+async fn a_refreshed_header_is_used_by_the_next_attempt() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    // A server that records the `authorization` header of each upgrade.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let callback =
+                    |req: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {
+                        let token = req
+                            .headers()
+                            .get("authorization")
+                            .map(|v| v.to_str().unwrap().to_string());
+                        record.lock().unwrap().push(token);
+                        Ok(resp)
+                    };
+                if let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(socket, callback).await {
+                    // Drop the first connection at once to force a reconnect.
+                    let _ = ws.next().await;
+                }
+            });
+        }
+    });
+    let token = Arc::new(AtomicU32::new(1));
+    let current = Arc::clone(&token);
+    let (client, _incoming) = WsClient::builder_with(move || {
+        let mut request = format!("ws://{addr}/").into_client_request().unwrap();
+        let value = format!("Bearer t{}", current.load(Ordering::SeqCst));
+        request
+            .headers_mut()
+            .insert("authorization", value.parse().unwrap());
+        request
+    })
+    .backoff(Schedule::new([20 * MS]).unwrap())
+    .no_heartbeat()
+    .build()
+    .unwrap();
+    client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    token.store(2, Ordering::SeqCst);
+    client.send(text("go away")).await.unwrap();
+    timeout(Duration::from_secs(2), async {
+        while seen.lock().unwrap().len() < 2 {
+            tokio::time::sleep(5 * MS).await;
+        }
+    })
+    .await
+    .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen[..2],
+        [Some("Bearer t1".to_string()), Some("Bearer t2".to_string())]
+    );
+}
