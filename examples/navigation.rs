@@ -179,7 +179,8 @@ async fn run() -> Result<(), BoxError> {
         ledger.close_timeouts
     );
     say!(
-        "messages:    {sent} sent, {} acknowledged, {} lost, {} re-sent, {duplicates} seen twice by the server",
+        "messages:    {sent} sent, {} acknowledged, {} lost; {} re-sent (unacknowledged when their \
+         connection ended), {duplicates} of them seen twice by the server",
         stats.acknowledged,
         lost.len(),
         stats.resent

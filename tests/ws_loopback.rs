@@ -504,3 +504,117 @@ async fn a_refreshed_header_is_used_by_the_next_attempt() {
         [Some("Bearer t1".to_string()), Some("Bearer t2".to_string())]
     );
 }
+
+#[tokio::test]
+async fn at_least_once_resends_unacknowledged_messages_in_order_after_a_reconnect() {
+    let server = TestServer::start(Behaviour::AckEvery(4, Duration::ZERO)).await;
+    let (client, _incoming) = builder(server.url())
+        .at_least_once(|m| m.to_text().ok()?.strip_prefix("ack:")?.parse().ok())
+        .build()
+        .unwrap();
+    client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    for _ in 0..10 {
+        client
+            .feed_with(|seq| Message::text(format!("{seq}:x")))
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    server
+        .wait_for("ten messages", |e| {
+            e.iter().filter(|e| matches!(e, Event::Text(..))).count() == 10
+        })
+        .await;
+    // 1..=8 acknowledged; 9 and 10 written and not acknowledged.
+    timeout(Duration::from_secs(1), async {
+        while client.stats().held != 2 {
+            tokio::time::sleep(MS).await;
+        }
+    })
+    .await
+    .expect("eight acknowledged");
+    server.crash().await;
+    server.set(Behaviour::Echo { ack: true });
+    server.restart().await;
+    wait_state(
+        &client,
+        "reconnected",
+        |s| matches!(s, State::Connected { epoch } if epoch.get() > 1),
+    )
+    .await;
+    timeout(Duration::from_secs(2), async {
+        while client.stats().held != 0 {
+            tokio::time::sleep(MS).await;
+        }
+    })
+    .await
+    .expect("all acknowledged");
+    let stats = client.stats();
+    assert_eq!(
+        (stats.accepted, stats.acknowledged, stats.resent),
+        (10, 10, 2),
+        "{stats:?}"
+    );
+    let seqs: Vec<u64> = server
+        .texts()
+        .iter()
+        .map(|t| t.split_once(':').unwrap().0.parse().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 9, 10],
+        "re-sent in order, nothing lost"
+    );
+}
+
+#[tokio::test]
+async fn at_least_once_across_suspend_and_resume_inside_the_close_loses_nothing() {
+    let server = TestServer::start(Behaviour::AckEvery(4, 100 * MS)).await;
+    let (client, _incoming) = builder(server.url())
+        .at_least_once(|m| m.to_text().ok()?.strip_prefix("ack:")?.parse().ok())
+        .build()
+        .unwrap();
+    let handle = client.handle().clone();
+    handle.connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    let mut sent = 0;
+    for round in 0..5u32 {
+        for _ in 0..7 {
+            sent = client
+                .feed_with(|seq| Message::text(format!("{seq}:x")))
+                .unwrap();
+        }
+        client.flush().await.unwrap();
+        let token = handle.suspend().unwrap();
+        tokio::time::sleep((10 + 20 * round) * MS).await;
+        handle.resume(token).unwrap();
+        wait_state(&client, "connected", State::is_connected).await;
+    }
+    server.set(Behaviour::Echo { ack: true });
+    handle.disconnect().await;
+    handle.connect().unwrap();
+    timeout(Duration::from_secs(2), async {
+        while client.stats().held != 0 {
+            tokio::time::sleep(MS).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("unacknowledged: {:?}", client.stats()));
+    let mut seen = std::collections::BTreeMap::new();
+    for text in server.texts() {
+        *seen
+            .entry(text.split_once(':').unwrap().0.parse::<u64>().unwrap())
+            .or_insert(0u64) += 1;
+    }
+    let stats = client.stats();
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (1..=sent).collect::<Vec<_>>(),
+        "nothing lost"
+    );
+    let duplicates: u64 = seen.values().map(|n| n - 1).sum();
+    assert_eq!(
+        duplicates, stats.resent,
+        "every re-send reached the server: {stats:?}"
+    );
+}

@@ -23,6 +23,9 @@ use tower_epoch::ws::WsClient;
 pub enum Behaviour {
     /// Echo text and binary; answer `<seq>:<x>` with `ack:<seq>` when `ack` is set.
     Echo { ack: bool },
+    /// Record `<seq>:<x>` messages and acknowledge only every `n`th (cumulatively); hold the
+    /// reply to a Close for the given time.
+    AckEvery(u64, Duration),
     /// Echo, and close with this code after the first message.
     CloseAfterFirst(u16),
     /// Drop the socket without a Close after the first message.
@@ -201,10 +204,14 @@ async fn session(n: usize, mut socket: TcpStream, behaviour: Behaviour, server: 
         match message {
             Message::Text(text) => {
                 server.push(Event::Text(n, text.to_string()));
-                let reply = match text.split_once(':') {
-                    Some((seq, _)) if behaviour == (Behaviour::Echo { ack: true }) => {
+                let reply = match (text.split_once(':'), &behaviour) {
+                    (Some((seq, _)), Behaviour::Echo { ack: true }) => {
                         Message::text(format!("ack:{seq}"))
                     }
+                    (Some((seq, _)), Behaviour::AckEvery(n, _)) => match seq.parse::<u64>() {
+                        Ok(seq) if seq % n == 0 => Message::text(format!("ack:{seq}")),
+                        _ => continue,
+                    },
                     _ => Message::Text(text),
                 };
                 if ws.send(reply).await.is_err() {
@@ -236,7 +243,7 @@ async fn session(n: usize, mut socket: TcpStream, behaviour: Behaviour, server: 
                     frame.map(|f| (u16::from(f.code), f.reason.to_string())),
                 ));
                 match behaviour {
-                    Behaviour::SlowClose(delay) => {
+                    Behaviour::SlowClose(delay) | Behaviour::AckEvery(_, delay) => {
                         tokio::time::sleep(delay).await;
                         let _ = ws.flush().await;
                     }
