@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use tokio::sync::{oneshot, watch};
 
 use crate::core::{Core, ResumeToken};
-use crate::epoch::{Epoch, Stamp};
+use crate::epoch::{Clock, Epoch, Stamp};
 use crate::error::{BoxError, Error};
 use crate::state::{Ledger, State};
 use crate::teardown::CloseCause;
@@ -93,6 +93,12 @@ impl Handle {
     /// The clock's current epoch.
     pub fn epoch(&self) -> Epoch {
         self.core.clock.now()
+    }
+
+    /// The connection's clock, for a transport that checks epochs on its own hot path: while a
+    /// connection is installed the clock reads its epoch, and any release ticks it.
+    pub fn clock(&self) -> Arc<Clock> {
+        Arc::clone(&self.core.clock)
     }
 
     /// Captures the current epoch, to guard an effect of your own (see [`crate::epoch`]).

@@ -618,3 +618,40 @@ async fn at_least_once_across_suspend_and_resume_inside_the_close_loses_nothing(
         "every re-send reached the server: {stats:?}"
     );
 }
+
+#[tokio::test]
+async fn nothing_accepted_after_a_release_goes_to_the_released_connection() {
+    let server = TestServer::start(Behaviour::SlowClose(200 * MS)).await;
+    let (client, mut incoming) = builder(server.url()).build().unwrap();
+    let handle = client.handle().clone();
+    handle.connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+    client.feed(text("before")).unwrap();
+    // pagehide, pageshow and a send, all before the old connection's close has even started.
+    let token = handle.suspend().unwrap();
+    let resumed = handle.resume(token).unwrap();
+    client.send(text("after")).await.unwrap();
+    server
+        .wait_for("both", |e| {
+            e.iter().filter(|e| matches!(e, Event::Text(..))).count() == 2
+        })
+        .await;
+    let events = server.events();
+    assert!(
+        events.contains(&Event::Text(1, "before".into())),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&Event::Text(2, "after".into())),
+        "{events:?}"
+    );
+    let mut echoes = Vec::new();
+    while echoes.len() < 2 {
+        let r = timeout(Duration::from_secs(2), incoming.next())
+            .await
+            .unwrap()
+            .unwrap();
+        echoes.push((r.epoch, r.message));
+    }
+    assert!(echoes.contains(&(resumed, text("after"))), "{echoes:?}");
+}

@@ -21,7 +21,7 @@ use super::conn::{self, Heartbeat, WsConn};
 use super::connector::{WsConnector, endpoint_of};
 use super::error::{SendError, WsError};
 use crate::backoff::default_backoff;
-use crate::epoch::Epoch;
+use crate::epoch::{Clock, Epoch};
 use crate::handle::Handle;
 use crate::reconnect::ReconnectLayer;
 use crate::state::State;
@@ -62,6 +62,9 @@ pub(crate) struct Settings {
 /// A message accepted and not yet acknowledged (or, without at-least-once, not yet written).
 struct Pending {
     seq: u64,
+    /// The clock when it was accepted: a closing connection takes only what was accepted while
+    /// it was installed (or before).
+    accepted: Epoch,
     message: Message,
     /// Completed writes of this message (more than one after an at-least-once re-send).
     writes: u32,
@@ -73,8 +76,8 @@ struct Outbox {
     queue: VecDeque<Pending>,
     /// At-least-once: written, waiting for an acknowledgement, in order.
     unacked: VecDeque<Pending>,
-    /// Taken by a writer, being written.
-    in_flight: usize,
+    /// Batches taken by writers and being written: (first sequence number, length).
+    in_flight: Vec<(u64, usize)>,
     next_seq: u64,
     /// The installed connection, while its monitor runs.
     current: Option<(Epoch, WsConn)>,
@@ -83,8 +86,27 @@ struct Outbox {
 
 impl Outbox {
     fn held(&self) -> usize {
-        self.queue.len() + self.in_flight + self.unacked.len()
+        self.queue.len() + self.in_flight.iter().map(|(_, n)| n).sum::<usize>() + self.unacked.len()
     }
+
+    /// Every sequence number up to this one has been written at least once.
+    fn written_up_to(&self) -> u64 {
+        let first_unwritten = self
+            .in_flight
+            .iter()
+            .map(|(first, _)| *first)
+            .chain(self.queue.front().map(|p| p.seq))
+            .min()
+            .unwrap_or(self.next_seq + 1);
+        first_unwritten - 1
+    }
+}
+
+/// Which messages a writer takes: see [`Shared::drain`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Drain {
+    Installed(Epoch),
+    Closing(Epoch),
 }
 
 /// Counters of the client's outbound traffic, read with [`WsClient::stats`].
@@ -107,6 +129,8 @@ pub struct Stats {
 /// State shared by the client's clones, the monitor and the teardown of its connections.
 pub(crate) struct Shared {
     outbox: Mutex<Outbox>,
+    /// The connection's clock: a connection is still installed while it reads its epoch.
+    clock: Arc<Clock>,
     /// The highest sequence number such that it and everything before it has been written.
     written: watch::Sender<u64>,
     pub(crate) wake_writer: Notify,
@@ -159,25 +183,49 @@ impl Shared {
         }
     }
 
-    fn current(&self) -> Option<WsConn> {
-        self.lock().current.as_ref().map(|(_, c)| c.clone())
+    /// The installed connection, if its epoch is still current.
+    fn current(&self) -> Option<(Epoch, WsConn)> {
+        let outbox = self.lock();
+        let (epoch, conn) = outbox.current.as_ref()?;
+        self.clock
+            .is_current(*epoch)
+            .then(|| (*epoch, conn.clone()))
     }
 
-    /// Writes everything queued to `conn`, in order, in batches: every message of a batch is
-    /// fed, then the batch is flushed once. A batch whose write fails goes back to the front of
-    /// the queue for the next connection, and the connection is marked broken.
-    pub(crate) async fn drain(&self, conn: &WsConn) -> Result<(), WsError> {
+    /// Writes what is queued to `conn`, in order, in batches: every message of a batch is fed,
+    /// then the batch is flushed once. A batch whose write fails goes back to the front of the
+    /// queue for the next connection, and the connection is marked broken.
+    ///
+    /// `Drain::Installed(e)` writes while the connection of epoch `e` is still installed (one
+    /// clock load per batch): nothing accepted after a disconnect goes to the released
+    /// connection. `Drain::Closing(e)` writes what was accepted up to epoch `e`, the last
+    /// messages of a connection that closes gracefully (P18).
+    pub(crate) async fn drain(&self, conn: &WsConn, scope: Drain) -> Result<(), WsError> {
         let mut sink = conn.inner().sink.lock().await;
         loop {
             let batch = {
                 let mut outbox = self.lock();
-                if outbox.queue.is_empty() {
+                let batch = match scope {
+                    Drain::Installed(epoch) if self.clock.is_current(epoch) => {
+                        std::mem::take(&mut outbox.queue)
+                    }
+                    Drain::Installed(_) => VecDeque::new(),
+                    Drain::Closing(epoch) => {
+                        let n = outbox
+                            .queue
+                            .iter()
+                            .position(|p| p.accepted > epoch)
+                            .unwrap_or(outbox.queue.len());
+                        outbox.queue.drain(..n).collect()
+                    }
+                };
+                let Some(first) = batch.front().map(|p| p.seq) else {
                     return Ok(());
-                }
-                let batch = std::mem::take(&mut outbox.queue);
-                outbox.in_flight = batch.len();
+                };
+                outbox.in_flight.push((first, batch.len()));
                 batch
             };
+            let first = batch.front().map(|p| p.seq).unwrap_or(0);
             let mut result = Ok(());
             for pending in &batch {
                 result = sink.feed(pending.message.clone()).await;
@@ -188,9 +236,8 @@ impl Shared {
             if result.is_ok() {
                 result = sink.flush().await;
             }
-            let last = batch.back().map(|p| p.seq).unwrap_or(0);
             let mut outbox = self.lock();
-            outbox.in_flight = 0;
+            outbox.in_flight.retain(|(f, _)| *f != first);
             if let Err(error) = result {
                 for pending in batch.into_iter().rev() {
                     outbox.queue.push_front(pending);
@@ -208,10 +255,11 @@ impl Shared {
             if self.settings.ack.is_some() {
                 outbox.unacked.extend(batch);
             }
+            let written = outbox.written_up_to();
             drop(outbox);
             self.written.send_if_modified(|w| {
-                let advanced = last > *w;
-                *w = (*w).max(last);
+                let advanced = written > *w;
+                *w = (*w).max(written);
                 advanced
             });
             self.space.notify_waiters();
@@ -265,6 +313,7 @@ impl Shared {
         let was_empty = outbox.queue.is_empty();
         outbox.queue.push_back(Pending {
             seq,
+            accepted: self.clock.now(),
             message,
             writes: 0,
         });
@@ -288,10 +337,10 @@ impl Shared {
             if states.borrow_and_update().is_shutdown() {
                 return Err(SendError::Closed);
             }
-            if let Some(conn) = self.current() {
+            if let Some((epoch, conn)) = self.current() {
                 // A failure marks the connection broken; its monitor reports it and the
                 // message waits for the next connection.
-                let _ = self.drain(&conn).await;
+                let _ = self.drain(&conn, Drain::Installed(epoch)).await;
                 if *written.borrow_and_update() >= seq {
                     return Ok(seq);
                 }
@@ -341,18 +390,39 @@ impl StateExt for State {
 ///
 /// # Example
 ///
-/// ```no_run
+/// ```
+/// use std::time::Duration;
 /// use futures_util::StreamExt;
-/// use tokio_tungstenite::tungstenite::Message;
-/// use tower_epoch::ws::WsClient;
+/// use tower_epoch::ws::{Message, WsClient};
 ///
-/// # async fn f() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-/// let (client, mut incoming) = WsClient::builder("ws://127.0.0.1:4000/socket")?.build()?;
-/// client.send(Message::text("queued until connected")).await?;
-/// client.handle().connect()?;
-/// while let Some(received) = incoming.next().await {
-///     println!("{}: {:?}", received.epoch, received.message);
-/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// # let addr = listener.local_addr()?;
+/// # tokio::spawn(async move {
+/// #     use futures_util::SinkExt;
+/// #     while let Ok((socket, _)) = listener.accept().await {
+/// #         tokio::spawn(async move {
+/// #             let mut ws = tokio_tungstenite::accept_async(socket).await.unwrap();
+/// #             while let Some(Ok(m)) = ws.next().await {
+/// #                 if m.is_text() { let _ = ws.send(m).await; }
+/// #             }
+/// #         });
+/// #     }
+/// # });
+/// // An echo server listens on `addr`.
+/// let (client, mut incoming) = WsClient::builder(format!("ws://{addr}/socket"))?.build()?;
+///
+/// // Accepted while disconnected: queued, written in order once connected.
+/// let queued = client.send(Message::text("queued"));
+/// let epoch = client.handle().connect()?;
+/// queued.await?;
+///
+/// let echo = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await?.unwrap();
+/// assert_eq!(echo.epoch, epoch);
+/// assert_eq!(echo.message, Message::text("queued"));
+///
+/// client.handle().disconnect().await; // queue, Close, the peer's Close
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -759,6 +829,7 @@ impl<B> WsClientBuilder<B> {
         let handle = base.handle();
         let shared = Arc::new(Shared {
             outbox: Mutex::new(Outbox::default()),
+            clock: handle.clock(),
             written: watch::Sender::new(0),
             wake_writer: Notify::new(),
             space: Notify::new(),

@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use super::client::{Received, Shared};
+use super::client::{Drain, Received, Shared};
 use super::connector::WsStream;
 use super::error::WsError;
 use crate::epoch::Epoch;
@@ -61,7 +61,7 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Resu
     let incoming = shared.incoming().clone();
     let _ = conn.0.epoch.set(epoch);
     let _current = shared.install(epoch, conn.clone());
-    shared.drain(&conn).await?;
+    shared.drain(&conn, Drain::Installed(epoch)).await?;
 
     let mut stream = conn.0.stream.lock().await;
     let heartbeat = shared.settings.heartbeat;
@@ -91,7 +91,7 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Resu
                 Some(Err(error)) => return Err(WsError::from_read(error).into()),
                 None => return Err(WsError::Dropped.into()),
             },
-            () = shared.wake_writer.notified() => shared.drain(&conn).await?,
+            () = shared.wake_writer.notified() => shared.drain(&conn, Drain::Installed(epoch)).await?,
             () = conn.0.broken.notified() => return Err(WsError::Dropped.into()),
             () = maybe(ping_at) => {
                 let h = heartbeat.expect("armed only with a heartbeat");
@@ -161,8 +161,14 @@ pub(crate) async fn close(shared: Arc<Shared>, conn: WsConn, cause: CloseCause) 
         cause,
         CloseCause::Disconnect | CloseCause::Suspend | CloseCause::Shutdown
     );
-    if deliberate && timeout(step, shared.drain(&conn)).await.is_err() {
-        tracing::debug!("writing the queue before close timed out");
+    // Only a connection that was installed has messages of its own to write.
+    if let (true, Some(&epoch)) = (deliberate, conn.0.epoch.get()) {
+        if timeout(step, shared.drain(&conn, Drain::Closing(epoch)))
+            .await
+            .is_err()
+        {
+            tracing::debug!("writing the queue before close timed out");
+        }
     }
     let frame = CloseFrame {
         code: settings.close_code,

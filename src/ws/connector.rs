@@ -140,16 +140,31 @@ pub(crate) fn endpoint_of(request: &Request) -> Result<Endpoint, WsError> {
 /// [`WsError::Handshake`]: typed failures that go through the layer's backoff. The whole call
 /// is bounded by the layer's connect timeout.
 ///
-/// ```no_run
+/// ```
 /// use tower::{Service, ServiceExt};
-/// use tower_epoch::ws::WsConnector;
+/// use tower_epoch::ws::{WsConnector, WsError};
 /// use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 ///
-/// # async fn f() -> Result<(), tower_epoch::ws::WsError> {
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// # let addr = listener.local_addr()?;
+/// # tokio::spawn(async move {
+/// #     let (socket, _) = listener.accept().await.unwrap();
+/// #     let _ws = tokio_tungstenite::accept_async(socket).await.unwrap();
+/// # });
 /// let mut connector = WsConnector::new();
-/// let request = "ws://127.0.0.1:9001/socket".into_client_request().unwrap();
+///
+/// // A WebSocket server listens on `addr`.
+/// let request = format!("ws://{addr}/socket").into_client_request()?;
 /// let stream = connector.ready().await?.call(request).await?;
-/// # drop(stream); Ok(()) }
+/// # drop(stream);
+///
+/// // Bad input is refused before any socket is opened.
+/// let request = "ws://127.0.0.1:99999/".into_client_request()?;
+/// let error = connector.ready().await?.call(request).await.err().unwrap();
+/// assert!(matches!(error, WsError::PortOutOfRange(port) if port == "99999"));
+/// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct WsConnector {

@@ -8,27 +8,45 @@
 //!   outbound queue that survives disconnects, incoming messages tagged with their epoch,
 //!   heartbeats, graceful close, and optional at-least-once delivery.
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
 //! use futures_util::StreamExt;
-//! use tokio_tungstenite::tungstenite::Message;
-//! use tower_epoch::ws::WsClient;
+//! use tower_epoch::ws::{Message, WsClient};
 //!
-//! # async fn f() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-//! let (client, mut incoming) = WsClient::builder("ws://127.0.0.1:4000/socket")?
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # let addr = listener.local_addr()?;
+//! # tokio::spawn(async move {
+//! #     use futures_util::SinkExt;
+//! #     while let Ok((socket, _)) = listener.accept().await {
+//! #         tokio::spawn(async move {
+//! #             let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await else { return };
+//! #             while let Some(Ok(m)) = ws.next().await {
+//! #                 if m.is_text() { let _ = ws.send(m).await; }
+//! #             }
+//! #         });
+//! #     }
+//! # });
+//! // An echo server listens on `addr`.
+//! let (client, mut incoming) = WsClient::builder(format!("ws://{addr}/socket"))?
 //!     .heartbeat(Duration::from_secs(15), Duration::from_secs(5))
 //!     .layer(|layer| layer.with_connect_timeout(Duration::from_secs(5)))
 //!     .build()?;
-//! client.handle().connect()?;
+//! let handle = client.handle();
+//! handle.connect()?;
 //! client.send(Message::text("hello")).await?;
-//! let reply = incoming.next().await;
-//! # drop(reply);
+//! let reply = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await?.unwrap();
+//! assert_eq!(reply.message, Message::text("hello"));
 //!
-//! let token = client.handle().suspend();        // pagehide
-//! if let Some(token) = token {
-//!     client.handle().resume(token)?;           // pageshow
-//! }
-//! client.handle().disconnect().await;           // graceful: queue, Close, peer's Close
+//! // Back/forward navigation: pagehide, then pageshow while the old socket still closes.
+//! let token = handle.suspend().expect("the intent was to be connected");
+//! let resumed = handle.resume(token)?;
+//! client.send(Message::text("again")).await?;
+//! let reply = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await?.unwrap();
+//! assert_eq!(reply.epoch, resumed); // tagged with the new connection's epoch
+//!
+//! handle.disconnect().await; // graceful: the queue, Close, the peer's Close
 //! # Ok(()) }
 //! ```
 //!
