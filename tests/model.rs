@@ -54,6 +54,8 @@ enum Op {
     StaleReport,
     Advance(Duration),
     Request,
+    /// `disconnect()` then `connect()`, this many times, with no task running in between.
+    Flip(u8),
 }
 
 /// The reference model: intent, and the clock ticks caused by the user's operations.
@@ -97,6 +99,7 @@ impl ReferenceStateMachine for Model {
             1 => Just(Op::StaleReport),
             5 => ms(&[1, 10, 100, 400, 1000, 2500]).prop_map(Op::Advance),
             2 => Just(Op::Request),
+            2 => (1..4u8).prop_map(Op::Flip),
         ]
         .boxed()
     }
@@ -115,6 +118,10 @@ impl ReferenceStateMachine for Model {
                 m.connected = false;
                 m.ticks += 1;
                 m.tokens.push(m.ticks);
+            }
+            Op::Flip(times) => {
+                m.connected = true;
+                m.ticks += 2 * u64::from(*times);
             }
             Op::Resume(i) if !m.tokens.is_empty() => {
                 let issued = m.tokens.remove(i % m.tokens.len());
@@ -244,6 +251,12 @@ impl StateMachineTest for EpochTest {
                     }
                 }
                 Op::Advance(d) => advance(d).await,
+                Op::Flip(times) => {
+                    for _ in 0..times {
+                        closing.push(handle.disconnect());
+                        handle.connect().unwrap();
+                    }
+                }
                 Op::Request => {
                     if let Poll::Ready(Ok(())) = poll_ready_now(svc) {
                         let installed = handle.connection::<Conn>().map(|(_, c)| c.id);
