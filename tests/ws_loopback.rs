@@ -340,6 +340,14 @@ async fn fault_drop_without_close_reconnects() {
     wait_state(&client, "reconnected", State::is_connected).await;
     let l = client.handle().ledger();
     assert_eq!((l.installed, l.discarded, l.failures), (2, 0, 1));
+    client.handle().disconnect().await;
+    server.wait_all_ended().await;
+    let l = client.handle().ledger();
+    assert_eq!(
+        (l.opened, l.closed),
+        (2, 2),
+        "every socket closed once: {l:?}"
+    );
 }
 
 #[tokio::test]
@@ -363,7 +371,8 @@ async fn fault_close_never_answered_is_cut_and_the_socket_dropped() {
         })
         .await;
     server.wait_all_ended().await;
-    assert_eq!(client.handle().ledger().closed, 1);
+    let l = client.handle().ledger();
+    assert_eq!((l.opened, l.closed, l.close_timeouts), (1, 1, 0), "{l:?}");
 }
 
 #[tokio::test]
