@@ -535,13 +535,7 @@ async fn at_least_once_resends_unacknowledged_messages_in_order_after_a_reconnec
         })
         .await;
     // 1..=8 acknowledged; 9 and 10 written and not acknowledged.
-    timeout(Duration::from_secs(1), async {
-        while client.stats().held != 2 {
-            tokio::time::sleep(MS).await;
-        }
-    })
-    .await
-    .expect("eight acknowledged");
+    wait_held(&client, 2).await;
     server.crash().await;
     server.set(Behaviour::Echo { ack: true });
     server.restart().await;
@@ -551,13 +545,7 @@ async fn at_least_once_resends_unacknowledged_messages_in_order_after_a_reconnec
         |s| matches!(s, State::Connected { epoch } if epoch.get() > 1),
     )
     .await;
-    timeout(Duration::from_secs(2), async {
-        while client.stats().held != 0 {
-            tokio::time::sleep(MS).await;
-        }
-    })
-    .await
-    .expect("all acknowledged");
+    wait_held(&client, 0).await;
     let stats = client.stats();
     assert_eq!(
         (stats.accepted, stats.acknowledged, stats.resent),
@@ -602,13 +590,7 @@ async fn at_least_once_across_suspend_and_resume_inside_the_close_loses_nothing(
     server.set(Behaviour::Echo { ack: true });
     handle.disconnect().await;
     handle.connect().unwrap();
-    timeout(Duration::from_secs(2), async {
-        while client.stats().held != 0 {
-            tokio::time::sleep(MS).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("unacknowledged: {:?}", client.stats()));
+    wait_held(&client, 0).await;
     let mut seen = std::collections::BTreeMap::new();
     for text in server.texts() {
         *seen

@@ -470,18 +470,20 @@ impl WsClient {
             request: Arc::new(request),
             connector: WsConnector::new(),
             backoff: default_backoff(),
-            capacity: 1024,
             incoming_capacity: 1024,
-            when_full: WhenFull::Wait,
-            heartbeat: Some(Heartbeat {
-                interval: Duration::from_secs(30),
-                timeout: Duration::from_secs(10),
-            }),
-            close_code: CloseCode::Normal,
-            close_reason: String::new(),
-            close_step_timeout: Duration::from_secs(2),
-            reconnect_on_normal_close: false,
-            ack: None,
+            settings: Settings {
+                capacity: 1024,
+                when_full: WhenFull::Wait,
+                heartbeat: Some(Heartbeat {
+                    interval: Duration::from_secs(30),
+                    timeout: Duration::from_secs(10),
+                }),
+                close_code: CloseCode::Normal,
+                close_reason: String::new(),
+                close_step_timeout: Duration::from_secs(2),
+                reconnect_on_normal_close: false,
+                ack: None,
+            },
             configure: Box::new(|layer| layer),
         }
     }
@@ -673,27 +675,21 @@ pub struct WsClientBuilder<B = ExponentialBackoffMaker> {
     request: Arc<dyn Fn() -> Request + Send + Sync>,
     connector: WsConnector,
     backoff: B,
-    capacity: usize,
     incoming_capacity: usize,
-    when_full: WhenFull,
-    heartbeat: Option<Heartbeat>,
-    close_code: CloseCode,
-    close_reason: String,
-    close_step_timeout: Duration,
-    reconnect_on_normal_close: bool,
-    ack: Option<AckFn>,
+    settings: Settings,
     configure: Configure,
 }
 
 impl<B: fmt::Debug> fmt::Debug for WsClientBuilder<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let settings = &self.settings;
         f.debug_struct("WsClientBuilder")
             .field("backoff", &self.backoff)
-            .field("capacity", &self.capacity)
-            .field("when_full", &self.when_full)
-            .field("heartbeat", &self.heartbeat)
-            .field("close_code", &self.close_code)
-            .field("at_least_once", &self.ack.is_some())
+            .field("capacity", &settings.capacity)
+            .field("when_full", &settings.when_full)
+            .field("heartbeat", &settings.heartbeat)
+            .field("close_code", &settings.close_code)
+            .field("at_least_once", &settings.ack.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -711,15 +707,8 @@ impl<B> WsClientBuilder<B> {
             request: self.request,
             connector: self.connector,
             backoff,
-            capacity: self.capacity,
             incoming_capacity: self.incoming_capacity,
-            when_full: self.when_full,
-            heartbeat: self.heartbeat,
-            close_code: self.close_code,
-            close_reason: self.close_reason,
-            close_step_timeout: self.close_step_timeout,
-            reconnect_on_normal_close: self.reconnect_on_normal_close,
-            ack: self.ack,
+            settings: self.settings,
             configure: self.configure,
         }
     }
@@ -741,7 +730,7 @@ impl<B> WsClientBuilder<B> {
     /// How many messages the client holds at most: queued, being written, or (at-least-once)
     /// waiting for an acknowledgement. Default 1024; at least 1.
     pub fn queue_capacity(mut self, capacity: usize) -> Self {
-        self.capacity = capacity.max(1);
+        self.settings.capacity = capacity.max(1);
         self
     }
 
@@ -754,41 +743,41 @@ impl<B> WsClientBuilder<B> {
 
     /// What `send` does when the queue is full.
     pub fn when_full(mut self, policy: WhenFull) -> Self {
-        self.when_full = policy;
+        self.settings.when_full = policy;
         self
     }
 
     /// Pings every `interval`; no pong within `timeout` is a failure of the connection.
     /// Default: every 30 s, 10 s to answer.
     pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
-        self.heartbeat = Some(Heartbeat { interval, timeout });
+        self.settings.heartbeat = Some(Heartbeat { interval, timeout });
         self
     }
 
     /// No heartbeat.
     pub fn no_heartbeat(mut self) -> Self {
-        self.heartbeat = None;
+        self.settings.heartbeat = None;
         self
     }
 
     /// The code and reason of the Close frame a deliberate disconnect sends (default 1000, no
     /// reason).
     pub fn close_with(mut self, code: CloseCode, reason: impl Into<String>) -> Self {
-        self.close_code = code;
-        self.close_reason = reason.into();
+        self.settings.close_code = code;
+        self.settings.close_reason = reason.into();
         self
     }
 
     /// Bounds each step of a graceful close (writing the queue, sending Close, waiting for the
     /// peer's Close). Default 2 s. The layer's close timeout bounds the whole.
     pub fn close_step_timeout(mut self, timeout: Duration) -> Self {
-        self.close_step_timeout = timeout;
+        self.settings.close_step_timeout = timeout;
         self
     }
 
     /// Reconnect after the peer closes with 1000 (normal closure) too. Default: no.
     pub fn reconnect_on_normal_close(mut self, reconnect: bool) -> Self {
-        self.reconnect_on_normal_close = reconnect;
+        self.settings.reconnect_on_normal_close = reconnect;
         self
     }
 
@@ -801,7 +790,7 @@ impl<B> WsClientBuilder<B> {
         mut self,
         ack: impl Fn(&Message) -> Option<u64> + Send + Sync + 'static,
     ) -> Self {
-        self.ack = Some(Arc::new(ack));
+        self.settings.ack = Some(Arc::new(ack));
         self
     }
 
@@ -835,16 +824,7 @@ impl<B> WsClientBuilder<B> {
             space: Notify::new(),
             states: handle.subscribe(),
             incoming: incoming_tx,
-            settings: Settings {
-                capacity: self.capacity,
-                when_full: self.when_full,
-                heartbeat: self.heartbeat,
-                close_code: self.close_code,
-                close_reason: self.close_reason,
-                close_step_timeout: self.close_step_timeout,
-                reconnect_on_normal_close: self.reconnect_on_normal_close,
-                ack: self.ack,
-            },
+            settings: self.settings,
         });
         let monitor = {
             let shared = Arc::clone(&shared);

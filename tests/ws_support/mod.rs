@@ -299,3 +299,14 @@ pub fn open_fds() -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// Waits (bounded) until the client holds exactly `n` messages (queued or unacknowledged).
+pub async fn wait_held(client: &WsClient, n: u64) {
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while client.stats().held != n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("holding {:?}, expected {n}", client.stats()));
+}
