@@ -6,16 +6,18 @@
 //! Install the peers with `bash .ci/install-peers` (into the ignored folder `.peers`). Without
 //! them each test says so and passes, except under `CI=true`, where a missing peer fails.
 //!
-//! These tests talk to real processes, so they use real time. Every wait is bounded; the only
-//! sleeps are where wall-clock time itself is the subject (heartbeats going by, a deliberate
-//! disconnect that must not be followed by attempts). They run one at a time (a process-wide
-//! lock), each in a runtime of its own, and each checks that the process's open file
-//! descriptors come back to their count from before it.
+//! These tests talk to real processes, so they use real time. Every wait is bounded. States are
+//! awaited through the handle's subscription; what has no notification of its own (the client's
+//! counters, the descriptors) is polled every few milliseconds. The only sleeps are where
+//! wall-clock time itself is the subject (heartbeats going by, a deliberate disconnect that must
+//! not be followed by attempts). The tests run one at a time (a process-wide lock), each in a
+//! runtime of its own, and each checks that the process's open file descriptors come back to
+//! their count from before it; where a close is cut, that the socket to the peer is gone at once.
 #![cfg(feature = "ws")]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,9 +48,10 @@ const PEER_START: Duration = ms(15_000);
 const FD_SETTLE: Duration = ms(5000);
 /// Bound on one whole test.
 const TEST_BOUND: Duration = ms(60_000);
-/// The backoff of most tests; its largest delay is [`MAX_DELAY`].
-const DELAYS: [u64; 3] = [50, 100, 200];
-const MAX_DELAY: Duration = ms(200);
+/// The backoff of most tests; its largest delay is [`MAX_DELAY`]. Each delay is long enough for
+/// a test to see the `WaitingToRetry` state it publishes on a loaded machine.
+const DELAYS: [u64; 3] = [100, 200, 300];
+const MAX_DELAY: Duration = ms(300);
 /// The delays of the peers' personas (passed to them; these are also their defaults).
 const HANDSHAKE_DELAY: Duration = ms(2000);
 const DROP_AFTER: Duration = ms(300);
@@ -233,7 +236,7 @@ async fn reject_503(kind: Kind) {
     // Attempts 2 and 3 waited out their delays before failing in turn.
     let waited = first_failure.expect("seen").elapsed();
     assert!(
-        waited >= ms(DELAYS[0] + DELAYS[1]) - ms(5),
+        waited >= ms(DELAYS[0] + DELAYS[1]) - ms(50),
         "backoff honoured: {waited:?}"
     );
     let ledger = handle.ledger();
@@ -325,7 +328,7 @@ async fn slow_handshake(kind: Kind) {
 
 /// `drop` (the socket destroyed without a Close, after the first message or after 300 ms): each
 /// drop is a typed failure of that connection's epoch, and the client reconnects after the
-/// published backoff delay, which grows (50, 100, 200 ms) because no connection stays up for
+/// published backoff delay, which grows (100, 200, 300 ms) because no connection stays up for
 /// the stable period: a peer that accepts and drops causes no reconnect storm.
 async fn drop_without_close(kind: Kind) {
     let peer = Peer::start(kind, "drop").await;
@@ -378,7 +381,7 @@ async fn drop_without_close(kind: Kind) {
     let ledger = handle.ledger();
     assert_eq!((ledger.installed, ledger.failures), (4, 3), "{ledger:?}");
     disconnect(&handle, ms(5000) + SLACK).await;
-    assert!(matches!(handle.state(), State::Idle), "{}", handle.state());
+    idle(&handle).await;
     println!("{}: drops seen as {seen:?}", kind.name());
 }
 
@@ -405,7 +408,7 @@ async fn stop_reading(kind: Kind) {
     let before = fd_count();
     handle.connect().unwrap();
     connected(&handle, CONNECT_TIMEOUT + SLACK).await;
-    assert!(fd_count() > before, "a socket is open");
+    assert_eq!(sockets_to(peer.port), 1, "one socket open to the peer");
     let took = disconnect(&handle, ms(2000) + SLACK).await;
     assert!(
         took >= step - ms(5) && took <= step + SLACK,
@@ -418,9 +421,10 @@ async fn stop_reading(kind: Kind) {
         "the teardown ended on its own step bound, before the layer's: {ledger:?}"
     );
     assert!(matches!(handle.state(), State::Idle), "{}", handle.state());
+    no_sockets_to(peer.port, ms(500)).await;
     let fds = settle_fds(before, ms(500), "after the close was cut").await;
     println!(
-        "{}: close cut after {took:?}; fds {before} before connecting, {fds} after",
+        "{}: close cut after {took:?}; socket dropped; fds {before} before connecting, {fds} after",
         kind.name()
     );
     drop(handle);
@@ -452,7 +456,8 @@ async fn stop_reading(kind: Kind) {
         matches!(ws_error(&failed), Some(WsError::HeartbeatTimeout(d)) if *d == pong),
         "typed as a heartbeat timeout: {failed}"
     );
-    assert!(took >= interval + pong - ms(10), "not early: {took:?}");
+    // Measured from when this task saw the connection, a little after the monitor started.
+    assert!(took >= interval + pong - ms(50), "not early: {took:?}");
     reconnected(&handle, epoch, MAX_DELAY + CONNECT_TIMEOUT + SLACK).await;
     disconnect(&handle, ms(5000) + SLACK).await;
     assert!(matches!(handle.state(), State::Idle), "{}", handle.state());
@@ -502,8 +507,11 @@ async fn sigkill_mid_stream_20_times(kind: Kind) {
         })
         .await;
         if let State::WaitingToRetry { .. } = failed {
+            // `Dropped`, whether the reader or a writer noticed; or a later refused attempt if
+            // the client moved on before this task looked.
+            let error = ws_error(&failed);
             assert!(
-                is_drop(ws_error(&failed)) || is_refused(ws_error(&failed)),
+                is_drop(error) || is_refused(error),
                 "typed as a drop: {failed}"
             );
             *failures.entry(describe(&failed)).or_default() += 1;
@@ -605,7 +613,7 @@ async fn sigstop_during_handshake(kind: Kind) {
     })
     .await;
     disconnect(&handle, SLACK).await;
-    assert!(matches!(handle.state(), State::Idle), "{}", handle.state());
+    idle(&handle).await;
 }
 
 /// The peer SIGSTOPped while connected, then a disconnect: the Close is written but never
@@ -635,6 +643,7 @@ async fn sigstop_during_close(kind: Kind) {
             .await
             .expect("written");
         assert_eq!(next(&mut incoming).await.message, Message::text("ping"));
+        assert_eq!(sockets_to(peer.port), 1, "one socket open to the peer");
 
         peer.signal("STOP");
         let bound = step.min(close);
@@ -657,10 +666,11 @@ async fn sigstop_during_close(kind: Kind) {
             }
         );
         assert!(matches!(handle.state(), State::Idle), "{}", handle.state());
+        no_sockets_to(peer.port, ms(500)).await;
         let fds = settle_fds(before, ms(500), "after the close was cut").await;
         println!(
-            "{}: close cut after {took:?} (step {step:?}, close {close:?}); fds {before} before \
-             connecting, {fds} after",
+            "{}: close cut after {took:?} (step {step:?}, close {close:?}); socket dropped; fds \
+             {before} before connecting, {fds} after",
             kind.name()
         );
     }
@@ -676,11 +686,26 @@ enum Kind {
     Python,
 }
 
+/// The repository: where `cargo test` runs this binary (a binary built in another checkout
+/// sharing the target folder must not look there), else where it was built.
 fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    })
 }
 
 impl Kind {
+    /// The module of its tests.
+    fn module(self) -> &'static str {
+        match self {
+            Kind::Node => "node",
+            Kind::Python => "python",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::Node => "node ws",
@@ -889,24 +914,29 @@ where
     F: FnOnce(Kind) -> Fut,
     Fut: Future<Output = ()>,
 {
+    // The descriptor count is the process's: no other test may open or close any meanwhile,
+    // not even the probe of an interpreter below.
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(why) = kind.missing() {
         let how = "install them with `bash .ci/install-peers`";
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!(
-                "ws_peers {test}: the {} peer is missing ({why}); {how}",
+                "ws_peers {}::{test}: the {} peer is missing ({why}); {how}",
+                kind.module(),
                 kind.name()
             );
         }
-        eprintln!(
-            "ws_peers {test}: SKIPPED, the {} peer is not installed ({why}); {how}",
+        // Straight to stderr, past the test harness's capture of `eprintln!`: seen in every run.
+        let _ = writeln!(
+            std::io::stderr(),
+            "ws_peers {}::{test}: SKIPPED, the {} peer is not installed ({why}); {how}",
+            kind.module(),
             kind.name()
         );
         return;
     }
-    // The descriptor count is the process's: no other test may open or close any meanwhile.
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -964,6 +994,46 @@ async fn settle_fds(target: usize, within: Duration, when: &str) -> usize {
         }
         sleep(ms(10)).await;
     }
+}
+
+/// This process's TCP sockets connected to 127.0.0.1:`port`, the client's connections to a peer
+/// (its descriptors' socket inodes, looked up in /proc/net/tcp).
+fn sockets_to(port: u16) -> usize {
+    let inodes: BTreeSet<u64> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .flatten()
+        .filter_map(|entry| {
+            let target = std::fs::read_link(entry.path()).ok()?;
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let remote = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .expect("/proc/net/tcp")
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            columns.len() > 9
+                && columns[2] == remote
+                && columns[9]
+                    .parse::<u64>()
+                    .is_ok_and(|inode| inodes.contains(&inode))
+        })
+        .count()
+}
+
+/// Waits, bounded, until this process has no socket to the peer on `port` any more.
+async fn no_sockets_to(port: u16, within: Duration) {
+    wait_until(within, "socket to the peer dropped", || {
+        sockets_to(port) == 0
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1035,6 +1105,12 @@ async fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() ->
     }
 }
 
+/// Waits, bounded, for `Idle`: after a disconnect while an earlier teardown is still in flight
+/// (a failed connection's), the state is `Disconnecting` until it completes.
+async fn idle(handle: &Handle) {
+    wait_state(handle, SLACK, "idle", |s| matches!(s, State::Idle)).await;
+}
+
 /// `disconnect().await`, bounded; returns how long it took.
 async fn disconnect(handle: &Handle, within: Duration) -> Duration {
     let started = Instant::now();
@@ -1060,23 +1136,9 @@ fn ws_error(state: &State) -> Option<&WsError> {
     }
 }
 
-/// A connection that ended without a Close frame. `WsError::Dropped` is what the docs name; a
-/// peer that closes its socket surfaces through tungstenite as a transport error: end of stream
-/// without a closing handshake, or a reset.
+/// A connection that ended without a Close frame, noticed by a read or a write: `WsError::Dropped`.
 fn is_drop(error: Option<&WsError>) -> bool {
-    use std::io::ErrorKind;
-    use tungstenite::error::ProtocolError;
-    match error {
-        Some(WsError::Dropped) => true,
-        Some(WsError::Transport(tungstenite::Error::Protocol(
-            ProtocolError::ResetWithoutClosingHandshake,
-        ))) => true,
-        Some(WsError::Transport(tungstenite::Error::Io(io))) => matches!(
-            io.kind(),
-            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
-        ),
-        _ => false,
-    }
+    matches!(error, Some(WsError::Dropped))
 }
 
 fn is_refused(error: Option<&WsError>) -> bool {

@@ -244,7 +244,7 @@ impl Shared {
                 }
                 drop(outbox);
                 conn.mark_broken();
-                return Err(WsError::Transport(error));
+                return Err(WsError::from_transport(error));
             }
             let mut batch = batch;
             for pending in &mut batch {

@@ -88,7 +88,7 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Resu
                     }
                     Message::Frame(_) => {}
                 },
-                Some(Err(error)) => return Err(WsError::from_read(error).into()),
+                Some(Err(error)) => return Err(WsError::from_transport(error).into()),
                 None => return Err(WsError::Dropped.into()),
             },
             () = shared.wake_writer.notified() => shared.drain(&conn, Drain::Installed(epoch)).await?,
@@ -98,7 +98,7 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Resu
                 let mut sink = conn.0.sink.lock().await;
                 sink.send(Message::Ping(Default::default()))
                     .await
-                    .map_err(WsError::Transport)?;
+                    .map_err(WsError::from_transport)?;
                 tracing::trace!(%epoch, "ping");
                 next_ping = Some(Instant::now() + h.interval);
                 pong_due.get_or_insert(Instant::now() + h.timeout);
@@ -126,7 +126,7 @@ async fn flush(conn: &WsConn) -> Result<(), WsError> {
         .await
         .flush()
         .await
-        .map_err(WsError::Transport)
+        .map_err(WsError::from_transport)
 }
 
 fn peer_closed(frame: Option<CloseFrame>, reconnect_on_normal: bool) -> Result<(), BoxError> {

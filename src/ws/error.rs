@@ -64,9 +64,10 @@ pub enum WsError {
 }
 
 impl WsError {
-    /// A read error of an open connection: a reset or end of stream without a Close frame is
-    /// [`WsError::Dropped`] (an abnormal closure, 1006), anything else a transport error.
-    pub(crate) fn from_read(error: tungstenite::Error) -> WsError {
+    /// An error reading or writing an open connection: a reset or end of stream without a
+    /// Close frame is [`WsError::Dropped`] (an abnormal closure, 1006), whichever side noticed
+    /// it; anything else is a transport error.
+    pub(crate) fn from_transport(error: tungstenite::Error) -> WsError {
         use tungstenite::error::ProtocolError;
         match &error {
             tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
