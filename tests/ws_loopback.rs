@@ -401,7 +401,8 @@ async fn fault_silent_half_open_peer_is_found_by_the_heartbeat() {
 async fn every_invalid_url_gives_its_typed_error_and_opens_no_socket() {
     let server = TestServer::start(Behaviour::Echo { ack: false }).await;
     let port = server.addr.port();
-    let cases: Vec<(String, fn(&WsError) -> bool)> = vec![
+    type Case = (String, fn(&WsError) -> bool);
+    let cases: Vec<Case> = vec![
         (
             format!("http://127.0.0.1:{port}/"),
             |e| matches!(e, WsError::UnsupportedScheme(s) if s == "http"),
@@ -466,6 +467,8 @@ async fn a_refreshed_header_is_used_by_the_next_attempt() {
         while let Ok((socket, _)) = listener.accept().await {
             let record = Arc::clone(&record);
             tokio::spawn(async move {
+                // tungstenite's callback type fixes the (large) error type.
+                #[allow(clippy::result_large_err)]
                 let callback =
                     |req: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {
                         let token = req
