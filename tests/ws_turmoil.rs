@@ -20,11 +20,19 @@
 //!
 //! Checked for every seed:
 //! - after each outage ends, the client is connected again within the connect timeout plus the
-//!   maximum backoff (the outage itself excluded), and every crash was noticed;
+//!   maximum backoff (the outage itself excluded); every crash, and every hold longer than a
+//!   heartbeat round (interval + timeout), was noticed within a heartbeat round;
 //! - at-least-once: every sequence number sent was seen by the server (0 lost) and the first-seen
 //!   order is increasing (0 reordered); every message was acknowledged;
 //! - the end state equals the last intent: a seed-derived sequence of `disconnect`/`connect`
-//!   ends either connected (one connection open) or idle (nothing open, on either side).
+//!   ends either connected (one connection open) or idle (nothing open, on either side); when
+//!   the client is dropped, its driver closes everything.
+//!
+//! turmoil's TCP has a window of 64 segments per direction: the producer (a message every
+//! 15-45 ms) stays below it for as long as a held link goes unnoticed (one heartbeat round).
+//! Past that window, write backpressure exposed three bugs of `src/ws` (a blocked write held
+//! back the heartbeat; a write cancelled mid-batch lost its batch); the scripted tests at the
+//! end of this file reproduce each and guard the fixes.
 //!
 //! 200 seeds by default; `TOWER_EPOCH_SIM_SEEDS=<n>` runs more (or fewer) and
 //! `TOWER_EPOCH_SIM_SEED_BASE=<n>` moves the range. A failure prints its seed; rerun it alone
@@ -52,7 +60,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep, timeout};
 use tower_epoch::backoff::Schedule;
-use tower_epoch::ws::{BoxFuture, BoxIo, Dial, Message, WsClient, WsConnector};
+use tower_epoch::ws::{BoxFuture, BoxIo, Dial, Incoming, Message, WsClient, WsConnector};
 use tower_epoch::{Epoch, Handle, State};
 
 const PORT: u16 = 9000;
@@ -66,13 +74,15 @@ const MAX_LATENCY: Duration = Duration::from_millis(50);
 
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(250);
+/// A half-open connection is found within this long.
+const HEARTBEAT_ROUND: Duration = HEARTBEAT_INTERVAL.saturating_add(HEARTBEAT_TIMEOUT);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
 const CLOSE_STEP_TIMEOUT: Duration = Duration::from_millis(200);
 const STABLE_AFTER: Duration = Duration::from_secs(1);
 /// The backoff schedule (no jitter: deterministic); it repeats its last entry.
 const BACKOFF_MS: [u64; 5] = [25, 50, 100, 200, 400];
-const MAX_BACKOFF: Duration = Duration::from_millis(400);
+const MAX_BACKOFF: Duration = Duration::from_millis(BACKOFF_MS[BACKOFF_MS.len() - 1]);
 /// The reconnect bound after an outage ends.
 const RECONNECT_BOUND: Duration = CONNECT_TIMEOUT.saturating_add(MAX_BACKOFF);
 
@@ -295,9 +305,7 @@ struct ClientSummary {
     sent: u64,
     acknowledged: u64,
     resent: u64,
-    acks_received: u64,
     installed: u64,
-    final_state: String,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -414,18 +422,21 @@ async fn session(socket: turmoil::net::TcpStream, record: Arc<Mutex<ServerRecord
 
 type SimResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
-async fn client(
-    plan: Plan,
-    seed: u64,
-    record: Arc<Mutex<ClientRecord>>,
-    server: Arc<Mutex<ServerRecord>>,
-) -> turmoil::Result {
+/// The client under test: at-least-once over turmoil, with a heartbeat unless told otherwise.
+/// Also returns the count of streams it holds open.
+fn new_client(heartbeat: bool) -> SimResult<(WsClient, Incoming, Arc<AtomicUsize>)> {
     let open = Arc::new(AtomicUsize::new(0));
-    let (client, mut incoming) = WsClient::builder(URL)?
+    let builder = WsClient::builder(URL)?
         .connector(WsConnector::new().with_dial(SimDial {
             open: Arc::clone(&open),
         }))
-        .heartbeat(HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT)
+        .heartbeat(HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT);
+    let builder = if heartbeat {
+        builder
+    } else {
+        builder.no_heartbeat()
+    };
+    let (client, incoming) = builder
         .at_least_once(parse_ack)
         .backoff(Schedule::new(BACKOFF_MS.map(ms))?)
         .close_step_timeout(CLOSE_STEP_TIMEOUT)
@@ -436,6 +447,16 @@ async fn client(
                 .with_stable_after(STABLE_AFTER)
         })
         .build()?;
+    Ok((client, incoming, open))
+}
+
+async fn client(
+    plan: Plan,
+    seed: u64,
+    record: Arc<Mutex<ClientRecord>>,
+    server: Arc<Mutex<ServerRecord>>,
+) -> turmoil::Result {
+    let (client, mut incoming, open) = new_client(true)?;
     let handle = client.handle().clone();
 
     // The watcher: every published state, in simulated time.
@@ -455,13 +476,7 @@ async fn client(
         }
     });
     // Acknowledgements arrive on the incoming stream: read it, or the client stops reading.
-    let acks = tokio::spawn(async move {
-        let mut acks = 0u64;
-        while let Some(received) = incoming.next().await {
-            acks += u64::from(parse_ack(&received.message).is_some());
-        }
-        acks
-    });
+    let incoming_reader = tokio::spawn(async move { while incoming.next().await.is_some() {} });
 
     handle.connect()?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -505,18 +520,21 @@ async fn client(
 
     let stats = client.stats();
     let ledger = handle.ledger();
-    let final_state = handle.state().to_string();
     // Dropping the client and every handle stops the driver, which ends the incoming stream.
     drop(client);
     drop(handle);
-    let acks_received = timeout(Duration::from_secs(5), acks).await??;
+    timeout(Duration::from_secs(5), incoming_reader).await??;
+    // The driver closed what was open when it stopped.
+    sleep(CLOSE_TIMEOUT).await;
+    let streams = open.load(Ordering::SeqCst);
+    if streams != 0 {
+        return Err(format!("{streams} streams still open after the client shut down").into());
+    }
     lock(&record).summary = Some(ClientSummary {
         sent,
         acknowledged: stats.acknowledged,
         resent: stats.resent,
-        acks_received,
         installed: ledger.installed,
-        final_state,
     });
     Ok(())
 }
@@ -641,9 +659,10 @@ struct Outage {
 #[derive(Clone, Copy, Debug)]
 struct Recovery {
     kind: OutageKind,
-    duration: Duration,
     /// From the end of the outage to the start of the connection that lasted.
     reconnect: Duration,
+    /// From the start of the outage to the client leaving `Connected`, if it did.
+    detected: Option<Duration>,
     /// The client left `Connected` during the outage or after it.
     noticed: bool,
 }
@@ -656,6 +675,7 @@ struct SeedReport {
     duplicates: u64,
     resent: u64,
     installed: u64,
+    server_sessions: u64,
     server_lives: u32,
     last_intent: Intent,
     simulated: Duration,
@@ -788,8 +808,7 @@ fn run_seed(seed: u64) -> Result<SeedReport, String> {
         let Some(last_connected) = record
             .transitions
             .iter()
-            .filter(|t| t.at < until)
-            .next_back()
+            .rfind(|t| t.at < until)
             .filter(|t| t.kind == Kind::Connected)
         else {
             return fail(format!("not connected when outage {} began", i + 1));
@@ -803,33 +822,56 @@ fn run_seed(seed: u64) -> Result<SeedReport, String> {
             .last()
             .map_or(last_connected.at, |t| t.at);
         let reconnect = started.saturating_sub(outage.end);
-        let noticed = record
+        // When the client left `Connected` because of the outage (a failure of the installed
+        // connection), if it did.
+        let detected = record
             .transitions
             .iter()
-            .any(|t| t.at >= outage.start && t.at < until && t.kind != Kind::Connected)
+            .find(|t| t.at >= outage.start && t.at < until && t.kind != Kind::Connected)
+            .map(|t| t.at - outage.start);
+        let noticed = detected.is_some()
             || record
                 .transitions
                 .iter()
-                .filter(|t| t.at < outage.start)
-                .next_back()
+                .rfind(|t| t.at < outage.start)
                 .is_some_and(|t| t.epoch != last_connected.epoch);
+        let duration = outage.end - outage.start;
         if reconnect > RECONNECT_BOUND {
             return fail(format!(
-                "outage {} ({:?}, {:?}): connected again {:?} after it ended, more than the \
-                 connect timeout + the maximum backoff ({RECONNECT_BOUND:?})",
+                "outage {} ({:?}, {duration:?}): connected again {reconnect:?} after it ended, \
+                 more than the connect timeout + the maximum backoff ({RECONNECT_BOUND:?})",
                 i + 1,
                 outage.kind,
-                outage.end - outage.start,
-                reconnect
             ));
         }
-        if outage.kind == OutageKind::Crash && !noticed {
-            return fail(format!("the crash of outage {} went unnoticed", i + 1));
+        // A crash sends FIN (or RST) at once; a hold is found by the heartbeat, within one
+        // round, once it lasts longer than a round.
+        let must_notice = match outage.kind {
+            OutageKind::Crash => true,
+            OutageKind::Hold => duration > HEARTBEAT_ROUND + ms(10),
+        };
+        match detected {
+            Some(after) if after > HEARTBEAT_ROUND + ms(10) => {
+                return fail(format!(
+                    "outage {} ({:?}, {duration:?}) was noticed only {after:?} after it began \
+                     (heartbeat round {HEARTBEAT_ROUND:?})",
+                    i + 1,
+                    outage.kind,
+                ));
+            }
+            None if must_notice => {
+                return fail(format!(
+                    "outage {} ({:?}, {duration:?}) went unnoticed",
+                    i + 1,
+                    outage.kind
+                ));
+            }
+            _ => {}
         }
         recoveries.push(Recovery {
             kind: outage.kind,
-            duration: outage.end - outage.start,
             reconnect,
+            detected,
             noticed,
         });
     }
@@ -872,6 +914,7 @@ fn run_seed(seed: u64) -> Result<SeedReport, String> {
         duplicates,
         resent: summary.resent,
         installed: summary.installed,
+        server_sessions: server.sessions,
         server_lives: server.lives,
         last_intent: plan.last_intent(),
         simulated,
@@ -947,7 +990,8 @@ fn summarize(reports: &[SeedReport], wall: Duration) {
     if reports.is_empty() {
         return;
     }
-    let mut by_kind: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    let mut reconnects: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    let mut detections: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
     let mut unnoticed_holds = 0;
     for recovery in reports.iter().flat_map(|r| &r.recoveries) {
         let key = match (recovery.kind, recovery.noticed) {
@@ -958,12 +1002,16 @@ fn summarize(reports: &[SeedReport], wall: Duration) {
                 "hold (not noticed)"
             }
         };
-        by_kind.entry(key).or_default().push(recovery.reconnect);
+        reconnects.entry(key).or_default().push(recovery.reconnect);
+        if let Some(detected) = recovery.detected {
+            detections.entry(key).or_default().push(detected);
+        }
     }
     let sent: u64 = reports.iter().map(|r| r.sent).sum();
     let duplicates: u64 = reports.iter().map(|r| r.duplicates).sum();
     let resent: u64 = reports.iter().map(|r| r.resent).sum();
     let installed: u64 = reports.iter().map(|r| r.installed).sum();
+    let sessions: u64 = reports.iter().map(|r| r.server_sessions).sum();
     let simulated: Duration = reports.iter().map(|r| r.simulated).sum();
     let lives: u64 = reports.iter().map(|r| u64::from(r.server_lives)).sum();
     let ends_connected = reports
@@ -978,25 +1026,291 @@ fn summarize(reports: &[SeedReport], wall: Duration) {
     );
     println!(
         "  messages: {sent} sent, 0 lost, 0 reordered, {duplicates} seen twice by the server, \
-         {resent} re-sent by the client; {installed} connections installed, {lives} server lives"
+         {resent} re-sent by the client"
+    );
+    println!(
+        "  connections: {installed} installed by the client, {sessions} WebSocket sessions on \
+         {lives} server lives"
     );
     println!(
         "  end: {ends_connected} seeds end connected, {} idle; {unnoticed_holds} holds too short \
          to be noticed",
         reports.len() - ends_connected
     );
-    for (what, mut times) in by_kind {
+    let quantiles = |times: &mut Vec<Duration>| {
         times.sort_unstable();
         let pick = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+        (pick(0.5), pick(0.99), pick(1.0))
+    };
+    for (what, mut times) in detections {
+        let (median, p99, max) = quantiles(&mut times);
         println!(
-            "  reconnect after {what:<18} n={:<4} median {:>4} ms, p99 {:>4} ms, max {:>4} ms \
-             (bound {} ms, min margin {} ms)",
+            "  noticed {what:<18} n={:<5} median {:>4} ms, p99 {:>4} ms, max {:>4} ms after it \
+             began (heartbeat round {} ms)",
             times.len(),
-            pick(0.5).as_millis(),
-            pick(0.99).as_millis(),
-            pick(1.0).as_millis(),
-            RECONNECT_BOUND.as_millis(),
-            (RECONNECT_BOUND - pick(1.0)).as_millis()
+            median.as_millis(),
+            p99.as_millis(),
+            max.as_millis(),
+            HEARTBEAT_ROUND.as_millis()
         );
+    }
+    for (what, mut times) in reconnects {
+        let (median, p99, max) = quantiles(&mut times);
+        println!(
+            "  reconnected after {what:<18} n={:<5} median {:>4} ms, p99 {:>4} ms, max {:>4} ms \
+             after it ended (bound {} ms: min margin {} ms)",
+            times.len(),
+            median.as_millis(),
+            p99.as_millis(),
+            max.as_millis(),
+            RECONNECT_BOUND.as_millis(),
+            (RECONNECT_BOUND - max).as_millis()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reproductions of bugs found in src/ws under write backpressure. turmoil's TCP has a window of
+// 64 segments per direction (`Builder::tcp_capacity`): a writer whose peer reads nothing (a held
+// link) blocks once 64 segments are in flight, as a real socket blocks once its send buffer is
+// full. The randomized test above stays below that window (a message every 15-45 ms, a held link
+// noticed within a heartbeat round); these scenarios go past it, each guarding a fix.
+
+/// One scripted client against the server above; `timeline` runs after every step with the
+/// simulated time (to hold and release the link).
+fn scenario<Fut>(
+    seed: u64,
+    script: impl FnOnce(Arc<Mutex<ServerRecord>>) -> Fut,
+    mut timeline: impl FnMut(&mut turmoil::Sim<'_>, Duration),
+) -> Result<(), String>
+where
+    Fut: std::future::Future<Output = turmoil::Result> + 'static,
+{
+    let record = Arc::new(Mutex::new(ServerRecord::default()));
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .tick_duration(TICK)
+        .max_message_latency(MAX_LATENCY)
+        .simulation_duration(Duration::from_secs(30))
+        .build();
+    let for_host = Arc::clone(&record);
+    sim.host(SERVER, move || server(Arc::clone(&for_host)));
+    sim.client(CLIENT, script(Arc::clone(&record)));
+    loop {
+        match sim.step() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(error) => return Err(format!("seed {seed}: {error}")),
+        }
+        let t = sim.elapsed();
+        timeline(&mut sim, t);
+    }
+}
+
+/// Holds the link from `from` to `to`.
+fn hold_between(from: Duration, to: Duration) -> impl FnMut(&mut turmoil::Sim<'_>, Duration) {
+    move |sim, t| {
+        if t == from {
+            sim.hold(CLIENT, SERVER);
+        } else if t == to {
+            sim.release(CLIENT, SERVER);
+        }
+    }
+}
+
+async fn sleep_until_sim(at: Duration) {
+    sleep(at.saturating_sub(now())).await;
+}
+
+async fn connected(handle: &Handle) -> SimResult {
+    let mut states = handle.subscribe();
+    timeout(Duration::from_secs(2), states.wait_for(State::is_connected)).await??;
+    Ok(())
+}
+
+fn drain_incoming(mut incoming: Incoming) {
+    tokio::spawn(async move { while incoming.next().await.is_some() {} });
+}
+
+/// Waits for every message to be acknowledged (5 s at most), then lists the sequence numbers
+/// the server never saw.
+async fn lost_after_acks(client: &WsClient, server: &Mutex<ServerRecord>) -> Vec<u64> {
+    let _ = timeout(Duration::from_secs(5), async {
+        while client.stats().held > 0 {
+            sleep(ms(5)).await;
+        }
+    })
+    .await;
+    let sent = client.stats().accepted;
+    let server = lock(server);
+    (1..=sent)
+        .filter(|seq| !server.seen.contains_key(seq))
+        .collect()
+}
+
+/// Bug 1: the heartbeat does not notice a half-open connection while a write is blocked.
+///
+/// The connection's loop (`conn::run`) awaits `Shared::drain` (and the ping's `send`) inside
+/// its `select!` arms, holding the sink's lock. While such a write waits for the peer (the link
+/// is held: the window is full), the loop polls nothing else, the pong deadline included. A
+/// chatty client (a message every 2 ms) fills the window about 130 ms into a hold; from then on
+/// it stays `Connected` for the whole hold, however long, instead of failing within
+/// `interval + timeout` (450 ms here). A real socket does the same once its send buffer fills:
+/// the half-open connection is then found only by TCP's own retransmission timeout.
+#[test]
+fn heartbeat_notices_a_held_link_under_write_backpressure() {
+    const HOLD: Duration = Duration::from_millis(500);
+    const RELEASE: Duration = Duration::from_millis(4500);
+    let script = |_server| async move {
+        let (client, incoming, _) = new_client(true)?;
+        drain_incoming(incoming);
+        let handle = client.handle().clone();
+        handle.connect()?;
+        connected(&handle).await?;
+        let feeder = client.clone();
+        tokio::spawn(async move {
+            while feeder
+                .feed_with(|seq| Message::text(format!("{seq}:chatty")))
+                .is_ok()
+            {
+                sleep(ms(2)).await;
+            }
+        });
+        sleep_until_sim(HOLD).await;
+        let mut states = handle.subscribe();
+        let noticed = timeout(RELEASE - HOLD, states.wait_for(|s| !s.is_connected())).await;
+        let after = now() - HOLD;
+        let bound = HEARTBEAT_INTERVAL + HEARTBEAT_TIMEOUT + ms(100);
+        if noticed.is_err() || after > bound {
+            return Err(format!(
+                "the link was held at {HOLD:?}; the client noticed {} (heartbeat \
+                 {HEARTBEAT_INTERVAL:?} + {HEARTBEAT_TIMEOUT:?}); {:?}",
+                if noticed.is_err() {
+                    format!("nothing during the {:?} hold", RELEASE - HOLD)
+                } else {
+                    format!("it only {after:?} later")
+                },
+                client.stats()
+            )
+            .into());
+        }
+        Ok(())
+    };
+    if let Err(error) = scenario(1, script, hold_between(HOLD, RELEASE)) {
+        panic!("{error}");
+    }
+}
+
+/// Bug 2: a `send` (or `flush`) future dropped while it writes loses the batch it was writing.
+///
+/// `Shared::drain` takes the queue as a batch, records it in `in_flight`, and awaits the writes.
+/// Dropped at that await (here a `timeout` around `send_with` while the window is full), the
+/// batch is dropped with the future: not re-queued, not kept for acknowledgement, and its
+/// `in_flight` entry stays forever. So, although `send` documents that dropping the future
+/// withdraws nothing:
+/// - at-least-once cannot re-send those messages: after a reconnect they are lost for good;
+/// - `held` never returns to 0 (the queue's capacity shrinks by each lost batch) and
+///   `written_up_to` is pinned below the lost batch: every later `flush()` or awaited `send`
+///   waits forever.
+///
+/// The scenario: no heartbeat (so that bug 1 plays no part); the link is held from 200 ms to
+/// 1500 ms while a message is sent every 2 ms with a 5 ms timeout; at 2 s the server crashes and
+/// restarts, the client reconnects and re-sends what was not acknowledged.
+#[test]
+fn a_dropped_send_future_loses_nothing_under_backpressure() {
+    let script = |server: Arc<Mutex<ServerRecord>>| async move {
+        let (client, incoming, _) = new_client(false)?;
+        drain_incoming(incoming);
+        let handle = client.handle().clone();
+        handle.connect()?;
+        connected(&handle).await?;
+        let mut timed_out = 0;
+        for _ in 0..200 {
+            let send = client.send_with(|seq| Message::text(format!("{seq}:impatient")));
+            timed_out += timeout(ms(5), send).await.is_err() as u32;
+            sleep(ms(2)).await;
+        }
+        sleep_until_sim(ms(2500)).await;
+        connected(&handle).await?;
+        let lost = lost_after_acks(&client, &server).await;
+        let flushed = timeout(Duration::from_secs(1), client.flush())
+            .await
+            .is_ok();
+        if !lost.is_empty() || client.stats().held > 0 || !flushed {
+            return Err(format!(
+                "{timed_out} sends timed out during the hold; after the reconnect {} messages \
+                 are lost: {lost:?}; {:?}, flush() {}, state {}",
+                lost.len(),
+                client.stats(),
+                if flushed {
+                    "completes"
+                } else {
+                    "never completes"
+                },
+                handle.state()
+            )
+            .into());
+        }
+        Ok(())
+    };
+    let mut hold = hold_between(ms(200), ms(1500));
+    let timeline = move |sim: &mut turmoil::Sim<'_>, t: Duration| {
+        hold(sim, t);
+        if t == ms(2000) {
+            sim.crash(SERVER);
+        } else if t == ms(2100) {
+            sim.bounce(SERVER);
+        }
+    };
+    if let Err(error) = scenario(2, script, timeline) {
+        panic!("{error}");
+    }
+}
+
+/// Bug 3: a `disconnect` while the connection's loop is blocked writing loses the batch it was
+/// writing, and the graceful close loses the next one.
+///
+/// On release the driver drops the monitor future (`conn::run`); its `drain` in progress drops
+/// its batch (and leaves its `in_flight` entry). The teardown's `Drain::Closing` is bounded by
+/// the close step timeout and, the window staying full, drops its batch the same way. After
+/// `connect` again, at-least-once re-sends only what had been written: the rest is lost, and
+/// `held` never returns to 0.
+///
+/// The scenario: no heartbeat; the link is held from 100 ms to 1000 ms; 150 messages are fed
+/// from 150 ms, one a millisecond (the window fills after 64); `disconnect()` at 400 ms;
+/// `connect()` at 1200 ms.
+#[test]
+fn a_disconnect_during_a_blocked_write_loses_nothing() {
+    let script = |server: Arc<Mutex<ServerRecord>>| async move {
+        let (client, incoming, _) = new_client(false)?;
+        drain_incoming(incoming);
+        let handle = client.handle().clone();
+        handle.connect()?;
+        connected(&handle).await?;
+        sleep_until_sim(ms(150)).await;
+        for _ in 0..150 {
+            client.feed_with(|seq| Message::text(format!("{seq}:queued")))?;
+            sleep(ms(1)).await;
+        }
+        sleep_until_sim(ms(400)).await;
+        handle.disconnect().await;
+        sleep_until_sim(ms(1200)).await;
+        handle.connect()?;
+        connected(&handle).await?;
+        let lost = lost_after_acks(&client, &server).await;
+        if !lost.is_empty() || client.stats().held > 0 {
+            return Err(format!(
+                "{} messages lost: {lost:?}; {:?}, state {}",
+                lost.len(),
+                client.stats(),
+                handle.state()
+            )
+            .into());
+        }
+        Ok(())
+    };
+    let timeline = hold_between(ms(100), ms(1000));
+    if let Err(error) = scenario(3, script, timeline) {
+        panic!("{error}");
     }
 }

@@ -102,6 +102,56 @@ impl Outbox {
     }
 }
 
+/// A batch being written. Dropped before [`InFlight::written`], it goes back to the front of
+/// the queue: a write that did not complete is retried on the next connection.
+pub(crate) struct InFlight<'a> {
+    shared: &'a Shared,
+    first: u64,
+    batch: Option<VecDeque<Pending>>,
+}
+
+impl InFlight<'_> {
+    fn messages(&self) -> impl Iterator<Item = &Pending> {
+        self.batch.iter().flatten()
+    }
+
+    /// The batch was written and flushed.
+    fn written(mut self) {
+        let mut batch = self.batch.take().expect("written once");
+        let shared = self.shared;
+        let mut outbox = shared.lock();
+        outbox.in_flight.retain(|(first, _)| *first != self.first);
+        for pending in &mut batch {
+            outbox.stats.written += 1;
+            outbox.stats.resent += u64::from(pending.writes > 0);
+            pending.writes += 1;
+        }
+        if shared.settings.ack.is_some() {
+            outbox.unacked.extend(batch);
+        }
+        let written = outbox.written_up_to();
+        drop(outbox);
+        shared.written.send_if_modified(|w| {
+            let advanced = written > *w;
+            *w = (*w).max(written);
+            advanced
+        });
+        shared.space.notify_waiters();
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            let mut outbox = self.shared.lock();
+            outbox.in_flight.retain(|(first, _)| *first != self.first);
+            for pending in batch.into_iter().rev() {
+                outbox.queue.push_front(pending);
+            }
+        }
+    }
+}
+
 /// Which messages a writer takes: see [`Shared::drain`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Drain {
@@ -200,34 +250,14 @@ impl Shared {
     /// clock load per batch): nothing accepted after a disconnect goes to the released
     /// connection. `Drain::Closing(e)` writes what was accepted up to epoch `e`, the last
     /// messages of a connection that closes gracefully (P18).
+    ///
+    /// Cancel-safe: if the future is dropped during a write (a timeout, a released
+    /// connection), the batch goes back to the front of the queue, as after a failed write.
     pub(crate) async fn drain(&self, conn: &WsConn, scope: Drain) -> Result<(), WsError> {
         let mut sink = conn.inner().sink.lock().await;
-        loop {
-            let batch = {
-                let mut outbox = self.lock();
-                let batch = match scope {
-                    Drain::Installed(epoch) if self.clock.is_current(epoch) => {
-                        std::mem::take(&mut outbox.queue)
-                    }
-                    Drain::Installed(_) => VecDeque::new(),
-                    Drain::Closing(epoch) => {
-                        let n = outbox
-                            .queue
-                            .iter()
-                            .position(|p| p.accepted > epoch)
-                            .unwrap_or(outbox.queue.len());
-                        outbox.queue.drain(..n).collect()
-                    }
-                };
-                let Some(first) = batch.front().map(|p| p.seq) else {
-                    return Ok(());
-                };
-                outbox.in_flight.push((first, batch.len()));
-                batch
-            };
-            let first = batch.front().map(|p| p.seq).unwrap_or(0);
+        while let Some(batch) = self.take_batch(scope) {
             let mut result = Ok(());
-            for pending in &batch {
+            for pending in batch.messages() {
                 result = sink.feed(pending.message.clone()).await;
                 if result.is_err() {
                     break;
@@ -236,34 +266,40 @@ impl Shared {
             if result.is_ok() {
                 result = sink.flush().await;
             }
-            let mut outbox = self.lock();
-            outbox.in_flight.retain(|(f, _)| *f != first);
             if let Err(error) = result {
-                for pending in batch.into_iter().rev() {
-                    outbox.queue.push_front(pending);
-                }
-                drop(outbox);
+                drop(batch); // back to the queue
                 conn.mark_broken();
                 return Err(WsError::from_transport(error));
             }
-            let mut batch = batch;
-            for pending in &mut batch {
-                outbox.stats.written += 1;
-                outbox.stats.resent += u64::from(pending.writes > 0);
-                pending.writes += 1;
-            }
-            if self.settings.ack.is_some() {
-                outbox.unacked.extend(batch);
-            }
-            let written = outbox.written_up_to();
-            drop(outbox);
-            self.written.send_if_modified(|w| {
-                let advanced = written > *w;
-                *w = (*w).max(written);
-                advanced
-            });
-            self.space.notify_waiters();
+            batch.written();
         }
+        Ok(())
+    }
+
+    /// Takes the next batch off the queue, as `scope` allows.
+    fn take_batch(&self, scope: Drain) -> Option<InFlight<'_>> {
+        let mut outbox = self.lock();
+        let batch: VecDeque<Pending> = match scope {
+            Drain::Installed(epoch) if self.clock.is_current(epoch) => {
+                std::mem::take(&mut outbox.queue)
+            }
+            Drain::Installed(_) => return None,
+            Drain::Closing(epoch) => {
+                let n = outbox
+                    .queue
+                    .iter()
+                    .position(|p| p.accepted > epoch)
+                    .unwrap_or(outbox.queue.len());
+                outbox.queue.drain(..n).collect()
+            }
+        };
+        let first = batch.front()?.seq;
+        outbox.in_flight.push((first, batch.len()));
+        Some(InFlight {
+            shared: self,
+            first,
+            batch: Some(batch),
+        })
     }
 
     /// An incoming data message: with at-least-once, it may acknowledge earlier sends.

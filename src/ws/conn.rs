@@ -1,6 +1,8 @@
 //! One WebSocket connection as the layer manages it, its per-connection loop (the monitor) and
 //! its graceful close (the teardown).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -57,17 +59,30 @@ impl WsConn {
 /// (at-least-once), writes what is queued, reads and delivers incoming messages tagged with the
 /// epoch, answers pings, sends heartbeats, and ends with `Ok` on a normal close by the peer or
 /// `Err` on any failure: the layer turns those into a release or a reconnect for this epoch.
+///
+/// Writes (the queue, pings, pong replies) run one at a time beside the reader and the
+/// deadlines, never in their way: a write stuck on a peer that stopped reading cannot hold
+/// back the pong deadline, so a half-open connection is still found.
 pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Result<(), BoxError> {
     let incoming = shared.incoming().clone();
     let _ = conn.0.epoch.set(epoch);
     let _current = shared.install(epoch, conn.clone());
-    shared.drain(&conn, Drain::Installed(epoch)).await?;
 
     let mut stream = conn.0.stream.lock().await;
     let heartbeat = shared.settings.heartbeat;
     let mut next_ping = heartbeat.map(|h| Instant::now() + h.interval);
     let mut pong_due: Option<Instant> = None;
+    let mut owed = Owed {
+        drain: true,
+        ..Owed::default()
+    };
+    let mut writing: Option<Write<'_>> = None;
     loop {
+        if writing.is_none() {
+            writing = owed
+                .next()
+                .map(|job| Box::pin(write(&shared, &conn, epoch, job)) as _);
+        }
         let ping_at = next_ping.map(sleep_until);
         let pong_at = pong_due.map(sleep_until);
         tokio::select! {
@@ -79,11 +94,10 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Resu
                         let _ = incoming.send(Received { epoch, message }).await;
                     }
                     // tungstenite queued the pong; write it out.
-                    Message::Ping(_) => flush(&conn).await?,
+                    Message::Ping(_) => owed.flush = true,
                     Message::Pong(_) => pong_due = None,
+                    // tungstenite queued the close reply; the teardown writes it.
                     Message::Close(frame) => {
-                        // Send tungstenite's queued close reply before the connection goes.
-                        let _ = flush(&conn).await;
                         return peer_closed(frame, shared.settings.reconnect_on_normal_close);
                     }
                     Message::Frame(_) => {}
@@ -91,17 +105,18 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Resu
                 Some(Err(error)) => return Err(WsError::from_transport(error).into()),
                 None => return Err(WsError::Dropped.into()),
             },
-            () = shared.wake_writer.notified() => shared.drain(&conn, Drain::Installed(epoch)).await?,
+            written = async { writing.as_mut().expect("guarded").await }, if writing.is_some() => {
+                writing = None;
+                written?;
+            }
+            () = shared.wake_writer.notified() => owed.drain = true,
             () = conn.0.broken.notified() => return Err(WsError::Dropped.into()),
             () = maybe(ping_at) => {
                 let h = heartbeat.expect("armed only with a heartbeat");
-                let mut sink = conn.0.sink.lock().await;
-                sink.send(Message::Ping(Default::default()))
-                    .await
-                    .map_err(WsError::from_transport)?;
-                tracing::trace!(%epoch, "ping");
+                // The deadline runs from when the ping is due, written or not.
                 next_ping = Some(Instant::now() + h.interval);
                 pong_due.get_or_insert(Instant::now() + h.timeout);
+                owed.ping = true;
             }
             () = maybe(pong_at) => {
                 let h = heartbeat.expect("armed only with a heartbeat");
@@ -112,21 +127,64 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Resu
     }
 }
 
+/// A write in progress on the connection, polled beside the reader and the deadlines.
+type Write<'a> = Pin<Box<dyn Future<Output = Result<(), WsError>> + Send + 'a>>;
+
+/// Writes the monitor owes the connection.
+#[derive(Default)]
+struct Owed {
+    drain: bool,
+    ping: bool,
+    flush: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Job {
+    Drain,
+    Ping,
+    Flush,
+}
+
+impl Owed {
+    fn next(&mut self) -> Option<Job> {
+        if std::mem::take(&mut self.ping) {
+            Some(Job::Ping)
+        } else if std::mem::take(&mut self.drain) {
+            Some(Job::Drain)
+        } else if std::mem::take(&mut self.flush) {
+            Some(Job::Flush)
+        } else {
+            None
+        }
+    }
+}
+
+async fn write(shared: &Shared, conn: &WsConn, epoch: Epoch, job: Job) -> Result<(), WsError> {
+    match job {
+        Job::Drain => shared.drain(conn, Drain::Installed(epoch)).await,
+        Job::Ping => {
+            tracing::trace!(%epoch, "ping");
+            let mut sink = conn.0.sink.lock().await;
+            sink.send(Message::Ping(Default::default()))
+                .await
+                .map_err(WsError::from_transport)
+        }
+        Job::Flush => conn
+            .0
+            .sink
+            .lock()
+            .await
+            .flush()
+            .await
+            .map_err(WsError::from_transport),
+    }
+}
+
 async fn maybe(sleep: Option<tokio::time::Sleep>) {
     match sleep {
         Some(sleep) => sleep.await,
         None => future::pending().await,
     }
-}
-
-async fn flush(conn: &WsConn) -> Result<(), WsError> {
-    conn.0
-        .sink
-        .lock()
-        .await
-        .flush()
-        .await
-        .map_err(WsError::from_transport)
 }
 
 fn peer_closed(frame: Option<CloseFrame>, reconnect_on_normal: bool) -> Result<(), BoxError> {
