@@ -1,0 +1,307 @@
+//! Messages per second of 32-byte text messages through [`WsClient`] against raw
+//! tokio-tungstenite, on loopback.
+//!
+//! Both sides talk to the same in-process tokio-tungstenite server (`accept_async`) on
+//! 127.0.0.1, which runs on its own thread with its own current-thread runtime, so the
+//! measured runtime runs only the sending side. The server reads every message, checks that it
+//! is the 32-byte text, counts it per connection, and discards it: it does not echo, so neither
+//! side has anything to drain and the comparison is of the write path alone (an echo would add
+//! the same read path to both sides and only blur the difference).
+//!
+//! Why a separate thread: on a shared runtime the server's work would be timed too, and unevenly.
+//! The server reads when the sender yields, which tokio's cooperative budget decides; the client
+//! spends about two budget units per awaited send (its sink lock and the socket) against one for
+//! raw, so the server would read twice as often for it, and every read of tungstenite 0.30 zeroes
+//! up to 128 KiB of read buffer. With its own thread, the server's cost is not on the measured
+//! thread. The price is scheduler noise: on a busy machine an awaited send may have to wake the
+//! server's thread on the sender's CPU, which can move both sides from about 2.5 us to about 5.5
+//! us per message between runs; compare the two sides within one run, and run it more than once.
+//!
+//! The sending side is a tokio current-thread runtime built here, and each sample is one
+//! `block_on` running a loop, timed inside the block (`Bencher::iter_custom`), like
+//! `request_path`. The sides:
+//!
+//! - `raw`: `tokio_tungstenite::client_async` over a `tokio::net::TcpStream` with `TCP_NODELAY`,
+//!   used as a plain `Sink` (not split);
+//! - `ws_client`: [`WsClient`] built with `no_heartbeat()`, connected through its handle
+//!   before measuring (its driver and monitor run on the same runtime).
+//!
+//! Two groups, one per mode, in `Throughput::Elements` (messages):
+//!
+//! - `awaited`: each send awaited before the next, one flush per message:
+//!   `client.send(m).await` vs `ws.send(m).await`.
+//! - `pipelined`: a batch of [`BATCH`] messages accepted without waiting, then one flush:
+//!   `client.feed(m)` for each then `client.flush().await`, vs `ws.feed(m).await` for each then
+//!   `ws.flush().await`.
+//!
+//! After every sample the bench waits (bounded by [`WAIT`]) until the server has counted
+//! exactly the messages that side sent so far, or panics; at the end the client must still be
+//! on its first connection.
+//!
+//! Target: `ws_client` at least 0.9x `raw` in both modes.
+//!
+//! Run with `cargo bench --bench ws`.
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::{Builder, Runtime};
+use tokio_tungstenite::WebSocketStream;
+use tower_epoch::ws::{Incoming, Message, WsClient};
+
+/// The payload: 32 bytes of text.
+const PAYLOAD: &str = "0123456789abcdef0123456789abcdef";
+
+/// Messages per pipelined batch (below the client's default queue capacity of 1024).
+const BATCH: u64 = 1_000;
+
+/// Bound on every wait: connecting, and the server catching up after a sample.
+const WAIT: Duration = Duration::from_secs(10);
+
+fn runtime() -> Runtime {
+    Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("build a current-thread runtime")
+}
+
+/// The server: listens on its own thread; hands out one counter per accepted connection, in
+/// the order of acceptance.
+struct Server {
+    addr: SocketAddr,
+    counters: mpsc::Receiver<Arc<AtomicU64>>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (counters_tx, counters) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("ws-server".into())
+            .spawn(move || {
+                runtime().block_on(async move {
+                    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                    addr_tx
+                        .send(listener.local_addr().expect("address"))
+                        .unwrap();
+                    loop {
+                        let (socket, _) = listener.accept().await.expect("accept");
+                        socket.set_nodelay(true).expect("nodelay");
+                        let count = Arc::new(AtomicU64::new(0));
+                        if counters_tx.send(Arc::clone(&count)).is_err() {
+                            return;
+                        }
+                        tokio::spawn(session(socket, count));
+                    }
+                });
+            })
+            .expect("spawn the server thread");
+        let addr = addr_rx.recv_timeout(WAIT).expect("the server listens");
+        Server { addr, counters }
+    }
+
+    /// The counter of the next connection accepted.
+    fn next_counter(&self) -> Arc<AtomicU64> {
+        self.counters
+            .recv_timeout(WAIT)
+            .expect("the server accepted the connection")
+    }
+}
+
+/// Reads every message of one connection and counts the 32-byte texts; anything else that is
+/// data is a bug of the bench.
+async fn session(socket: TcpStream, count: Arc<AtomicU64>) {
+    let mut ws = tokio_tungstenite::accept_async(socket)
+        .await
+        .expect("upgrade");
+    while let Some(message) = ws.next().await {
+        match message {
+            Ok(Message::Text(text)) => {
+                assert_eq!(text.as_str(), PAYLOAD, "the server got a wrong message");
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Message::Binary(_)) => panic!("the server got a binary message"),
+            Ok(Message::Close(_)) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Waits until the server has counted exactly `expected` messages on `count`.
+fn reached(count: &AtomicU64, expected: u64, side: &str) {
+    let start = Instant::now();
+    loop {
+        let seen = count.load(Ordering::Relaxed);
+        assert!(seen <= expected, "{side}: server saw {seen} > {expected}");
+        if seen == expected {
+            return;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{side}: the server saw {seen} of {expected} messages within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// A side under test: its messages and where the server counts them.
+struct Side<T> {
+    sink: T,
+    count: Arc<AtomicU64>,
+    sent: u64,
+}
+
+impl<T> Side<T> {
+    /// Records `n` more messages sent and checks that they reached the server.
+    fn check(&mut self, n: u64, side: &str) {
+        self.sent += n;
+        reached(&self.count, self.sent, side);
+    }
+}
+
+/// Raw tokio-tungstenite over TCP with `TCP_NODELAY`.
+fn raw_side(rt: &Runtime, server: &Server) -> Side<WebSocketStream<TcpStream>> {
+    let addr = server.addr;
+    let ws = rt.block_on(async move {
+        tokio::time::timeout(WAIT, async {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            tcp.set_nodelay(true).expect("nodelay");
+            let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/raw"), tcp)
+                .await
+                .expect("upgrade");
+            ws
+        })
+        .await
+        .expect("raw connection within the bound")
+    });
+    Side {
+        sink: ws,
+        count: server.next_counter(),
+        sent: 0,
+    }
+}
+
+/// A connected [`WsClient`]; its driver is spawned on `rt`. The server never sends data, so
+/// nothing needs to drain the [`Incoming`] stream; the caller only keeps it open.
+fn client_side(rt: &Runtime, server: &Server) -> (Side<WsClient>, Incoming) {
+    let (client, incoming) = {
+        let _guard = rt.enter();
+        WsClient::builder(format!("ws://{}/client", server.addr))
+            .expect("a good URL")
+            .no_heartbeat()
+            .build()
+            .expect("build the client")
+    };
+    rt.block_on(async {
+        let mut states = client.handle().subscribe();
+        client.handle().connect().expect("the driver is running");
+        tokio::time::timeout(WAIT, states.wait_for(|s| s.is_connected()))
+            .await
+            .expect("connected within the bound")
+            .expect("state channel open");
+    });
+    let side = Side {
+        sink: client,
+        count: server.next_counter(),
+        sent: 0,
+    };
+    (side, incoming)
+}
+
+fn ws(c: &mut Criterion) {
+    let rt = runtime();
+    let server = Server::start();
+    let message = Message::text(PAYLOAD);
+    let mut raw = raw_side(&rt, &server);
+    let (mut client, _incoming) = client_side(&rt, &server);
+
+    let mut group = c.benchmark_group("awaited");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("raw", |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    raw.sink.send(message.clone()).await.expect("raw send");
+                }
+                start.elapsed()
+            });
+            raw.check(iters, "awaited/raw");
+            elapsed
+        })
+    });
+    group.bench_function("ws_client", |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let seq = client.sink.send(message.clone()).await.expect("send");
+                    black_box(seq);
+                }
+                start.elapsed()
+            });
+            client.check(iters, "awaited/ws_client");
+            elapsed
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("pipelined");
+    group.throughput(Throughput::Elements(BATCH));
+    group.bench_function("raw", |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    for _ in 0..BATCH {
+                        raw.sink.feed(message.clone()).await.expect("raw feed");
+                    }
+                    raw.sink.flush().await.expect("raw flush");
+                }
+                start.elapsed()
+            });
+            raw.check(iters * BATCH, "pipelined/raw");
+            elapsed
+        })
+    });
+    group.bench_function("ws_client", |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    for _ in 0..BATCH {
+                        let seq = client.sink.feed(message.clone()).expect("feed");
+                        black_box(seq);
+                    }
+                    client.sink.flush().await.expect("flush");
+                }
+                start.elapsed()
+            });
+            client.check(iters * BATCH, "pipelined/ws_client");
+            elapsed
+        })
+    });
+    group.finish();
+
+    // Everything fed was written, and the client never left its first connection.
+    let handle = client.sink.handle();
+    let ledger = handle.ledger();
+    let stats = client.sink.stats();
+    assert!(handle.state().is_connected(), "{:?}", handle.state());
+    assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+    assert_eq!(
+        (stats.accepted, stats.written, stats.held),
+        (client.sent, client.sent, 0),
+        "{stats:?}"
+    );
+}
+
+criterion_group!(benches, ws);
+criterion_main!(benches);
