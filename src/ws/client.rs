@@ -4,12 +4,13 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
@@ -24,7 +25,6 @@ use crate::backoff::default_backoff;
 use crate::epoch::{Clock, Epoch};
 use crate::handle::Handle;
 use crate::reconnect::ReconnectLayer;
-use crate::state::State;
 
 /// A message received, tagged with the epoch of the connection it came from.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,16 +79,16 @@ struct Outbox {
     /// Batches taken by writers and being written: (first sequence number, length).
     in_flight: Vec<(u64, usize)>,
     next_seq: u64,
+    /// Messages held: queued, in flight, or unacknowledged.
+    held: usize,
+    /// An empty buffer to swap with the queue when a writer takes a batch (no reallocation).
+    spare: VecDeque<Pending>,
     /// The installed connection, while its monitor runs.
     current: Option<(Epoch, WsConn)>,
     stats: Stats,
 }
 
 impl Outbox {
-    fn held(&self) -> usize {
-        self.queue.len() + self.in_flight.iter().map(|(_, n)| n).sum::<usize>() + self.unacked.len()
-    }
-
     /// Every sequence number up to this one has been written at least once.
     fn written_up_to(&self) -> u64 {
         let first_unwritten = self
@@ -127,16 +127,19 @@ impl InFlight<'_> {
             pending.writes += 1;
         }
         if shared.settings.ack.is_some() {
-            outbox.unacked.extend(batch);
+            outbox.unacked.extend(batch.drain(..));
+        } else {
+            outbox.held -= batch.len();
+            batch.clear();
+        }
+        if outbox.spare.capacity() < batch.capacity() {
+            outbox.spare = batch;
         }
         let written = outbox.written_up_to();
         drop(outbox);
-        shared.written.send_if_modified(|w| {
-            let advanced = written > *w;
-            *w = (*w).max(written);
-            advanced
-        });
-        shared.space.notify_waiters();
+        shared.written.fetch_max(written, Ordering::SeqCst);
+        shared.progress.notify();
+        shared.space.notify();
     }
 }
 
@@ -182,12 +185,61 @@ pub(crate) struct Shared {
     /// The connection's clock: a connection is still installed while it reads its epoch.
     clock: Arc<Clock>,
     /// The highest sequence number such that it and everything before it has been written.
-    written: watch::Sender<u64>,
+    written: AtomicU64,
+    /// `written` advanced, or the client closed.
+    progress: Signal,
+    /// Room in the queue, or the client closed.
+    space: Signal,
+    /// The driver has stopped: nothing is accepted any more.
+    closed: AtomicBool,
     pub(crate) wake_writer: Notify,
-    space: Notify,
-    states: watch::Receiver<State>,
     incoming: mpsc::Sender<Received>,
     pub(crate) settings: Settings,
+}
+
+/// A notification that costs one atomic load when nobody waits.
+#[derive(Default)]
+struct Signal {
+    notify: Notify,
+    waiters: AtomicUsize,
+}
+
+impl Signal {
+    /// Call after changing what waiters check.
+    fn notify(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Waits until `ready` holds (checked after registering, so no notification is missed).
+    async fn wait_until(&self, ready: impl Fn() -> bool) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.waiters.fetch_add(1, Ordering::SeqCst);
+            let done = ready();
+            if !done {
+                notified.await;
+            }
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
+            if done {
+                return;
+            }
+        }
+    }
+}
+
+/// Held by the driver's closures: when the driver stops, the client is closed.
+struct Alive(Arc<Shared>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+        self.0.progress.notify();
+        self.0.space.notify();
+    }
 }
 
 /// Clears the installed connection when its monitor ends.
@@ -281,7 +333,8 @@ impl Shared {
         let mut outbox = self.lock();
         let batch: VecDeque<Pending> = match scope {
             Drain::Installed(epoch) if self.clock.is_current(epoch) => {
-                std::mem::take(&mut outbox.queue)
+                let spare = std::mem::take(&mut outbox.spare);
+                std::mem::replace(&mut outbox.queue, spare)
             }
             Drain::Installed(_) => return None,
             Drain::Closing(epoch) => {
@@ -322,15 +375,16 @@ impl Shared {
             acked += 1;
         }
         outbox.stats.acknowledged += acked;
+        outbox.held -= acked as usize;
         drop(outbox);
         if acked > 0 {
-            self.space.notify_waiters();
+            self.space.notify();
         }
     }
 
     /// Accepts a message now, or says why not.
     fn accept(&self, make: impl FnOnce(u64) -> Message, notify: bool) -> Result<u64, SendError> {
-        if self.states.borrow().is_shutdown() {
+        if self.closed.load(Ordering::Acquire) {
             return Err(SendError::Closed);
         }
         let mut outbox = self.lock();
@@ -339,7 +393,7 @@ impl Shared {
         if !matches!(message, Message::Text(_) | Message::Binary(_)) {
             return Err(SendError::NotData(message));
         }
-        if outbox.held() >= self.settings.capacity {
+        if outbox.held >= self.settings.capacity {
             return Err(SendError::Full {
                 message,
                 capacity: self.settings.capacity,
@@ -354,6 +408,7 @@ impl Shared {
             writes: 0,
         });
         outbox.stats.accepted += 1;
+        outbox.held += 1;
         drop(outbox);
         if notify && was_empty {
             self.wake_writer.notify_one();
@@ -364,38 +419,27 @@ impl Shared {
     /// Waits until `seq` and everything before it is written, writing it ourselves when a
     /// connection is installed (no hop to another task on the hot path).
     async fn written(self: Arc<Self>, seq: u64) -> Result<u64, SendError> {
-        let mut written = self.written.subscribe();
-        let mut states = self.states.clone();
+        let done = || self.written.load(Ordering::SeqCst) >= seq;
         loop {
-            if *written.borrow_and_update() >= seq {
+            if done() {
                 return Ok(seq);
             }
-            if states.borrow_and_update().is_shutdown() {
+            if self.closed.load(Ordering::SeqCst) {
                 return Err(SendError::Closed);
             }
             if let Some((epoch, conn)) = self.current() {
                 // A failure marks the connection broken; its monitor reports it and the
                 // message waits for the next connection.
                 let _ = self.drain(&conn, Drain::Installed(epoch)).await;
-                if *written.borrow_and_update() >= seq {
+                if done() {
                     return Ok(seq);
                 }
             }
-            tokio::select! {
-                changed = written.changed() => if changed.is_err() { return Err(SendError::Closed) },
-                changed = states.changed() => if changed.is_err() { return Err(SendError::Closed) },
-            }
+            // Another writer has it, or no connection is installed: wait for progress.
+            self.progress
+                .wait_until(|| done() || self.closed.load(Ordering::SeqCst))
+                .await;
         }
-    }
-}
-
-trait StateExt {
-    fn is_shutdown(&self) -> bool;
-}
-
-impl StateExt for State {
-    fn is_shutdown(&self) -> bool {
-        matches!(self, State::Shutdown)
     }
 }
 
@@ -600,7 +644,7 @@ impl WsClient {
     pub fn stats(&self) -> Stats {
         let outbox = self.shared.lock();
         Stats {
-            held: outbox.held() as u64,
+            held: outbox.held as u64,
             ..outbox.stats
         }
     }
@@ -611,8 +655,9 @@ impl WsClient {
         let mut outbox = self.shared.lock();
         let unacked = std::mem::take(&mut outbox.unacked);
         let queue = std::mem::take(&mut outbox.queue);
+        outbox.held -= unacked.len() + queue.len();
         drop(outbox);
-        self.shared.space.notify_waiters();
+        self.shared.space.notify();
         unacked
             .into_iter()
             .chain(queue)
@@ -625,19 +670,15 @@ impl Shared {
     async fn wait_for_room(&self, message: Message) -> Result<u64, SendError> {
         let mut message = Some(message);
         loop {
-            let room = self.space.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            let mut states = self.states.clone();
             match self.accept(|_| message.take().expect("taken once"), true) {
                 Ok(seq) => return Ok(seq),
                 Err(SendError::Full { message: back, .. }) => message = Some(back),
                 Err(error) => return Err(error),
             }
-            tokio::select! {
-                () = room => {}
-                changed = states.changed() => if changed.is_err() { return Err(SendError::Closed) },
-            }
+            let capacity = self.settings.capacity;
+            self.space
+                .wait_until(|| self.lock().held < capacity || self.closed.load(Ordering::SeqCst))
+                .await;
         }
     }
 }
@@ -855,17 +896,19 @@ impl<B> WsClientBuilder<B> {
         let shared = Arc::new(Shared {
             outbox: Mutex::new(Outbox::default()),
             clock: handle.clock(),
-            written: watch::Sender::new(0),
+            written: AtomicU64::new(0),
+            progress: Signal::default(),
+            closed: AtomicBool::new(false),
             wake_writer: Notify::new(),
-            space: Notify::new(),
-            states: handle.subscribe(),
+            space: Signal::default(),
             incoming: incoming_tx,
             settings: self.settings,
         });
         let monitor = {
-            let shared = Arc::clone(&shared);
+            // Dropped with the driver's last copy of this closure: the client closes.
+            let alive = Arc::new(Alive(Arc::clone(&shared)));
             move |conn: &WsConn, epoch: Epoch| {
-                let shared = Arc::clone(&shared);
+                let shared = Arc::clone(&alive.0);
                 let conn = conn.clone();
                 async move { conn::run(shared, conn, epoch).await }
             }
