@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::SinkExt;
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -60,12 +59,12 @@ pub(crate) struct Settings {
 }
 
 /// A message accepted and not yet acknowledged (or, without at-least-once, not yet written).
-struct Pending {
+pub(crate) struct Pending {
     seq: u64,
     /// The clock when it was accepted: a closing connection takes only what was accepted while
     /// it was installed (or before).
     accepted: Epoch,
-    message: Message,
+    pub(crate) message: Message,
     /// Completed writes of this message (more than one after an at-least-once re-send).
     writes: u32,
 }
@@ -111,8 +110,8 @@ pub(crate) struct InFlight<'a> {
 }
 
 impl InFlight<'_> {
-    fn messages(&self) -> impl Iterator<Item = &Pending> {
-        self.batch.iter().flatten()
+    fn messages(&self) -> &VecDeque<Pending> {
+        self.batch.as_ref().expect("held until written or dropped")
     }
 
     /// The batch was written and flushed.
@@ -306,18 +305,9 @@ impl Shared {
     /// Cancel-safe: if the future is dropped during a write (a timeout, a released
     /// connection), the batch goes back to the front of the queue, as after a failed write.
     pub(crate) async fn drain(&self, conn: &WsConn, scope: Drain) -> Result<(), WsError> {
-        let mut sink = conn.inner().sink.lock().await;
+        let _turn = conn.writer().await;
         while let Some(batch) = self.take_batch(scope) {
-            let mut result = Ok(());
-            for pending in batch.messages() {
-                result = sink.feed(pending.message.clone()).await;
-                if result.is_err() {
-                    break;
-                }
-            }
-            if result.is_ok() {
-                result = sink.flush().await;
-            }
+            let result = conn.write_all(batch.messages()).await;
             if let Err(error) = result {
                 drop(batch); // back to the queue
                 conn.mark_broken();

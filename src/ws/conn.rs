@@ -1,20 +1,25 @@
 //! One WebSocket connection as the layer manages it, its per-connection loop (the monitor) and
 //! its graceful close (the teardown).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream, StreamExt};
-use futures_util::{SinkExt, future};
+use std::future::poll_fn;
+use std::sync::Mutex as StdMutex;
+use std::task::ready;
+
+use futures_util::{SinkExt, StreamExt, future};
 use tokio::sync::{Mutex, Notify};
 use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use super::client::{Drain, Received, Shared};
+use super::client::{Drain, Pending, Received, Shared};
 use super::connector::WsStream;
 use super::error::WsError;
 use crate::epoch::Epoch;
@@ -27,8 +32,11 @@ use crate::teardown::CloseCause;
 pub(crate) struct WsConn(Arc<ConnInner>);
 
 pub(crate) struct ConnInner {
-    pub(crate) sink: Mutex<SplitSink<WsStream, Message>>,
-    stream: Mutex<SplitStream<WsStream>>,
+    /// The stream, locked for the length of one poll only: the reader and a writer take turns
+    /// poll by poll, as a split stream would, without a lock per message.
+    ws: StdMutex<WsStream>,
+    /// One writer at a time, across polls: batches stay whole and in order.
+    writer: Mutex<()>,
     /// The epoch it was installed at (never set for a connection discarded as stale).
     epoch: OnceLock<Epoch>,
     /// A writer failed on this connection: the monitor reports it.
@@ -37,17 +45,67 @@ pub(crate) struct ConnInner {
 
 impl WsConn {
     pub(crate) fn new(stream: WsStream) -> Self {
-        let (sink, stream) = stream.split();
         WsConn(Arc::new(ConnInner {
-            sink: Mutex::new(sink),
-            stream: Mutex::new(stream),
+            ws: StdMutex::new(stream),
+            writer: Mutex::new(()),
             epoch: OnceLock::new(),
             broken: Notify::new(),
         }))
     }
 
-    pub(crate) fn inner(&self) -> &ConnInner {
-        &self.0
+    fn ws(&self) -> std::sync::MutexGuard<'_, WsStream> {
+        self.0.ws.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the writer's turn; hold it across a run of batches.
+    pub(crate) async fn writer(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0.writer.lock().await
+    }
+
+    /// Writes the batch's messages (clones: the batch keeps them until the flush has
+    /// completed) and flushes once, taking the stream's lock once per poll rather than once per
+    /// message. Call with the writer's turn held.
+    pub(crate) async fn write_all(
+        &self,
+        batch: &VecDeque<Pending>,
+    ) -> Result<(), tungstenite::Error> {
+        let mut next = 0;
+        poll_fn(|cx| {
+            let mut ws = self.ws();
+            while let Some(pending) = batch.get(next) {
+                ready!(ws.poll_ready_unpin(cx))?;
+                ws.start_send_unpin(pending.message.clone())?;
+                next += 1;
+            }
+            ws.poll_flush_unpin(cx)
+        })
+        .await
+    }
+
+    /// Sends one message and flushes, taking the writer's turn.
+    async fn send(&self, message: Message) -> Result<(), tungstenite::Error> {
+        let _turn = self.writer().await;
+        let mut message = Some(message);
+        poll_fn(|cx| {
+            let mut ws = self.ws();
+            if message.is_some() {
+                ready!(ws.poll_ready_unpin(cx))?;
+                ws.start_send_unpin(message.take().expect("checked"))?;
+            }
+            ws.poll_flush_unpin(cx)
+        })
+        .await
+    }
+
+    /// Flushes what tungstenite has queued (a pong, a close reply), taking the writer's turn.
+    async fn flush(&self) -> Result<(), tungstenite::Error> {
+        let _turn = self.writer().await;
+        poll_fn(|cx| self.ws().poll_flush_unpin(cx)).await
+    }
+
+    /// The next incoming message.
+    async fn next(&self) -> Option<Result<Message, tungstenite::Error>> {
+        poll_fn(|cx| self.ws().poll_next_unpin(cx)).await
     }
 
     pub(crate) fn mark_broken(&self) {
@@ -68,7 +126,6 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Resu
     let _ = conn.0.epoch.set(epoch);
     let _current = shared.install(epoch, conn.clone());
 
-    let mut stream = conn.0.stream.lock().await;
     let heartbeat = shared.settings.heartbeat;
     let mut next_ping = heartbeat.map(|h| Instant::now() + h.interval);
     let mut pong_due: Option<Instant> = None;
@@ -86,7 +143,7 @@ pub(crate) async fn run(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Resu
         let ping_at = next_ping.map(sleep_until);
         let pong_at = pong_due.map(sleep_until);
         tokio::select! {
-            frame = stream.next() => match frame {
+            frame = conn.next() => match frame {
                 Some(Ok(message)) => match message {
                     Message::Text(_) | Message::Binary(_) => {
                         shared.received(&message);
@@ -164,19 +221,11 @@ async fn write(shared: &Shared, conn: &WsConn, epoch: Epoch, job: Job) -> Result
         Job::Drain => shared.drain(conn, Drain::Installed(epoch)).await,
         Job::Ping => {
             tracing::trace!(%epoch, "ping");
-            let mut sink = conn.0.sink.lock().await;
-            sink.send(Message::Ping(Default::default()))
+            conn.send(Message::Ping(Default::default()))
                 .await
                 .map_err(WsError::from_transport)
         }
-        Job::Flush => conn
-            .0
-            .sink
-            .lock()
-            .await
-            .flush()
-            .await
-            .map_err(WsError::from_transport),
+        Job::Flush => conn.flush().await.map_err(WsError::from_transport),
     }
 }
 
@@ -210,7 +259,7 @@ pub(crate) async fn close(shared: Arc<Shared>, conn: WsConn, cause: CloseCause) 
         CloseCause::Failed => return,
         CloseCause::Ended => {
             // The peer closed; tungstenite queued the reply.
-            let _ = timeout(step, conn.0.sink.lock().await.close()).await;
+            let _ = timeout(step, conn.flush()).await;
             return;
         }
         _ => {}
@@ -232,22 +281,13 @@ pub(crate) async fn close(shared: Arc<Shared>, conn: WsConn, cause: CloseCause) 
         code: settings.close_code,
         reason: settings.close_reason.clone().into(),
     };
-    let sent = timeout(step, async {
-        conn.0
-            .sink
-            .lock()
-            .await
-            .send(Message::Close(Some(frame)))
-            .await
-    })
-    .await;
+    let sent = timeout(step, conn.send(Message::Close(Some(frame)))).await;
     if !matches!(sent, Ok(Ok(()))) {
         return;
     }
     let epoch = conn.0.epoch.get().copied();
     let wait = async {
-        let mut stream = conn.0.stream.lock().await;
-        while let Some(Ok(message)) = stream.next().await {
+        while let Some(Ok(message)) = conn.next().await {
             match message {
                 Message::Close(_) => return,
                 Message::Text(_) | Message::Binary(_) => {
