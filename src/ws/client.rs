@@ -120,14 +120,17 @@ impl InFlight<'_> {
         let shared = self.shared;
         let mut outbox = shared.lock();
         outbox.in_flight.retain(|(first, _)| *first != self.first);
-        for pending in &mut batch {
-            outbox.stats.written += 1;
-            outbox.stats.resent += u64::from(pending.writes > 0);
-            pending.writes += 1;
-        }
+        outbox.stats.written += batch.len() as u64;
         if shared.settings.ack.is_some() {
+            // Kept until acknowledged; a second write of one is a re-send.
+            for pending in &mut batch {
+                outbox.stats.resent += u64::from(pending.writes > 0);
+                pending.writes += 1;
+            }
             outbox.unacked.extend(batch.drain(..));
         } else {
+            // Without acknowledgements a message is written once: a batch is only written
+            // again if its write did not complete, and then `writes` was never counted.
             outbox.held -= batch.len();
             batch.clear();
         }
