@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout};
 use tokio_tungstenite::tungstenite;
 use tower_epoch::backoff::Schedule;
-use tower_epoch::ws::{Incoming, Message, Received, SendError, WsClient, WsError};
+use tower_epoch::ws::{Incoming, Message, Received, SendError, WsClient, WsClientBuilder, WsError};
 use tower_epoch::{Epoch, Error, Handle, State};
 
 const fn ms(millis: u64) -> Duration {
@@ -153,13 +153,7 @@ async fn echo(kind: Kind) {
     );
 
     // At-least-once: every `<seq>:<payload>` is answered with `ack:<seq>`.
-    let (client, incoming) = WsClient::builder(peer.url())
-        .unwrap()
-        .at_least_once(ack_of)
-        .backoff(schedule())
-        .layer(|layer| layer.with_connect_timeout(CONNECT_TIMEOUT))
-        .build()
-        .unwrap();
+    let (client, incoming) = builder(&peer).at_least_once(ack_of).build().unwrap();
     let acks = Acks::collect(incoming);
     let handle = client.handle().clone();
     handle.connect().unwrap();
@@ -196,12 +190,7 @@ async fn echo(kind: Kind) {
 /// after which no attempt follows.
 async fn reject_503(kind: Kind) {
     let peer = Peer::start(kind, "reject-503").await;
-    let (client, _incoming) = WsClient::builder(peer.url())
-        .unwrap()
-        .backoff(schedule())
-        .layer(|layer| layer.with_connect_timeout(CONNECT_TIMEOUT))
-        .build()
-        .unwrap();
+    let (client, _incoming) = builder(&peer).build().unwrap();
     let handle = client.handle().clone();
     handle.connect().unwrap();
 
@@ -332,12 +321,7 @@ async fn slow_handshake(kind: Kind) {
 /// the stable period: a peer that accepts and drops causes no reconnect storm.
 async fn drop_without_close(kind: Kind) {
     let peer = Peer::start(kind, "drop").await;
-    let (client, _incoming) = WsClient::builder(peer.url())
-        .unwrap()
-        .backoff(schedule())
-        .layer(|layer| layer.with_connect_timeout(CONNECT_TIMEOUT))
-        .build()
-        .unwrap();
+    let (client, _incoming) = builder(&peer).build().unwrap();
     let handle = client.handle().clone();
     handle.connect().unwrap();
     let mut epoch = connected(&handle, CONNECT_TIMEOUT + SLACK).await;
@@ -1041,6 +1025,14 @@ async fn no_sockets_to(port: u16, within: Duration) {
 
 fn schedule() -> Schedule {
     Schedule::new(DELAYS.map(ms)).expect("non-empty")
+}
+
+/// A client of `peer` with the test's backoff schedule and connect timeout.
+fn builder(peer: &Peer) -> WsClientBuilder<Schedule> {
+    WsClient::builder(peer.url())
+        .unwrap()
+        .backoff(schedule())
+        .layer(|layer| layer.with_connect_timeout(CONNECT_TIMEOUT))
 }
 
 /// An `ack:<seq>` from the peer.
