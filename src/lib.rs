@@ -11,7 +11,8 @@
 //!   browser's `pagehide`/`pageshow`), and to observe the [`State`] and a [`Ledger`] of counters;
 //! - automatic reconnect with [backoff] after a failure, reset only once a
 //!   connection has stayed up for a stable period, with an optional attempt limit;
-//! - connect and close timeouts, and a pluggable graceful [teardown];
+//! - connect and close timeouts, a pluggable graceful [teardown], and a
+//!   [monitor](teardown::Monitor) that notices a dead connection without waiting for a request;
 //! - when the connection is itself a `Service<Req>`, the [`Reconnect`] service: a cheap-to-clone
 //!   request path whose readiness follows the connection.
 //!
