@@ -64,6 +64,16 @@ struct Machine {
     ledger: Ledger,
 }
 
+impl Machine {
+    /// Starts a new backoff session: the attempt count and the delays begin again.
+    fn reset_backoff(&mut self) {
+        self.attempt = 0;
+        if let Some(retry) = self.retry.as_mut() {
+            retry.reset();
+        }
+    }
+}
+
 /// Shared by every handle, service clone and the driver of one managed connection.
 pub(crate) struct Core {
     id: u64,
@@ -226,10 +236,7 @@ impl Core {
                 Ok(self.clock.now())
             }
             _ => {
-                m.attempt = 0;
-                if let Some(retry) = m.retry.as_mut() {
-                    retry.reset();
-                }
+                m.reset_backoff();
                 Ok(self.start_attempt(&mut m))
             }
         }
@@ -272,10 +279,7 @@ impl Core {
                 now,
             });
         }
-        m.attempt = 0;
-        if let Some(retry) = m.retry.as_mut() {
-            retry.reset();
-        }
+        m.reset_backoff();
         Ok(self.start_attempt(&mut m))
     }
 
@@ -454,10 +458,7 @@ impl Core {
         let mut m = self.lock();
         if self.is_installed(epoch) {
             tracing::debug!(%epoch, "connection stable; backoff reset");
-            m.attempt = 0;
-            if let Some(retry) = m.retry.as_mut() {
-                retry.reset();
-            }
+            m.reset_backoff();
         }
     }
 
@@ -547,10 +548,7 @@ impl Core {
             if m.attempt >= max.get() {
                 tracing::warn!(%epoch, attempts = m.attempt, %last_error, "giving up");
                 let attempts = m.attempt;
-                m.attempt = 0;
-                if let Some(retry) = m.retry.as_mut() {
-                    retry.reset();
-                }
+                m.reset_backoff();
                 self.set_state(
                     m,
                     State::GaveUp {
