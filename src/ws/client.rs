@@ -573,7 +573,8 @@ impl WsClient {
     /// [`WhenFull::Wait`], when the returned future finds room). The future resolves with the
     /// message's sequence number once it has been written to a connection; awaiting it while
     /// connected writes it from this task. Dropping the future does not withdraw an accepted
-    /// message.
+    /// message. While disconnected the future waits for the next connection: bound it with
+    /// `tokio::time::timeout` where the connection may stay down.
     pub fn send(&self, message: Message) -> SendFuture {
         self.send_with(move |_| message)
     }
@@ -627,7 +628,8 @@ impl WsClient {
     }
 
     /// Waits until every message accepted so far has been written, writing them from this task
-    /// when a connection is installed.
+    /// when a connection is installed. While disconnected it waits for the next connection:
+    /// bound it with `tokio::time::timeout` where the connection may stay down.
     pub async fn flush(&self) -> Result<(), SendError> {
         let last = self.shared.lock().next_seq;
         Arc::clone(&self.shared).written(last).await.map(drop)
