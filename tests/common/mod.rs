@@ -156,16 +156,9 @@ pub struct Connector {
     ledger: Ledger,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("connect refused: {0}")]
 pub struct ConnectError(pub String);
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "connect refused: {}", self.0)
-    }
-}
-
-impl std::error::Error for ConnectError {}
 
 impl Service<String> for Connector {
     type Response = Conn;
@@ -269,16 +262,9 @@ impl Conn {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("connection {0} is broken")]
 pub struct Broken(pub u64);
-
-impl std::fmt::Display for Broken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "connection {} is broken", self.0)
-    }
-}
-
-impl std::error::Error for Broken {}
 
 impl Service<u32> for Conn {
     type Response = (u64, u32);
