@@ -242,12 +242,12 @@ impl Core {
         }
     }
 
-    pub(crate) fn disconnect(&self, cause: CloseCause) -> Option<(Epoch, oneshot::Receiver<()>)> {
+    pub(crate) fn disconnect(&self) -> Option<oneshot::Receiver<()>> {
         let mut m = self.lock();
         if matches!(m.state, State::Shutdown) {
             return None;
         }
-        self.release(&mut m, cause)
+        self.release(&mut m, CloseCause::Disconnect)
     }
 
     pub(crate) fn suspend(&self) -> Option<ResumeToken> {
@@ -501,25 +501,22 @@ impl Core {
     }
 
     /// Disconnect and suspend: tick, release the slot to teardown.
-    fn release(
-        &self,
-        m: &mut Machine,
-        cause: CloseCause,
-    ) -> Option<(Epoch, oneshot::Receiver<()>)> {
+    fn release(&self, m: &mut Machine, cause: CloseCause) -> Option<oneshot::Receiver<()>> {
         let epoch = self.clock.tick();
         let released = m.slot.take();
         self.installed.store(0, Ordering::Release);
+        let released_epoch = released.as_ref().map(|(e, _)| *e);
         let waiter = released.map(|(conn_epoch, conn)| {
             let (tx, rx) = oneshot::channel();
             self.queue_close(m, conn_epoch, conn, cause, Some(tx));
-            (conn_epoch, rx)
+            rx
         });
         let next = if m.closing > 0 {
             State::Disconnecting { epoch }
         } else {
             State::Idle
         };
-        tracing::debug!(%epoch, %cause, released = ?waiter.as_ref().map(|w| w.0), "released");
+        tracing::debug!(%epoch, %cause, released = ?released_epoch, "released");
         self.set_state(m, next);
         Self::wake_waiters(m);
         waiter

@@ -11,7 +11,6 @@ use crate::core::{Core, ResumeToken};
 use crate::epoch::{Clock, Epoch, Stamp};
 use crate::error::{BoxError, Error};
 use crate::state::{Ledger, State};
-use crate::teardown::CloseCause;
 
 /// A cloneable controller of one managed connection.
 ///
@@ -64,10 +63,7 @@ impl Handle {
     /// not cancel the disconnect.
     pub fn disconnect(&self) -> DisconnectFuture {
         DisconnectFuture {
-            done: self
-                .core
-                .disconnect(CloseCause::Disconnect)
-                .map(|(_, rx)| rx),
+            done: self.core.disconnect(),
         }
     }
 
