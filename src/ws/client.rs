@@ -88,6 +88,12 @@ struct Outbox {
 }
 
 impl Outbox {
+    /// Puts `messages` back at the front of the queue, in their order: they go out first.
+    fn requeue(&mut self, mut messages: VecDeque<Pending>) {
+        messages.append(&mut self.queue);
+        self.queue = messages;
+    }
+
     /// Every sequence number up to this one has been written at least once.
     fn written_up_to(&self) -> u64 {
         let first_unwritten = self
@@ -150,9 +156,7 @@ impl Drop for InFlight<'_> {
         if let Some(batch) = self.batch.take() {
             let mut outbox = self.shared.lock();
             outbox.in_flight.retain(|(first, _)| *first != self.first);
-            for pending in batch.into_iter().rev() {
-                outbox.queue.push_front(pending);
-            }
+            outbox.requeue(batch);
         }
     }
 }
@@ -277,9 +281,7 @@ impl Shared {
     pub(crate) fn install(&self, epoch: Epoch, conn: WsConn) -> Installed<'_> {
         let mut outbox = self.lock();
         let unacked = std::mem::take(&mut outbox.unacked);
-        for pending in unacked.into_iter().rev() {
-            outbox.queue.push_front(pending);
-        }
+        outbox.requeue(unacked);
         outbox.current = Some((epoch, conn));
         Installed {
             shared: self,
