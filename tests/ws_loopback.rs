@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tower::ServiceExt;
 use tower_epoch::State;
 use tower_epoch::backoff::Schedule;
@@ -648,4 +649,87 @@ async fn nothing_accepted_after_a_release_goes_to_the_released_connection() {
         echoes.push((r.epoch, r.message));
     }
     assert!(echoes.contains(&(resumed, text("after"))), "{echoes:?}");
+}
+
+/// Writers on several threads at once, some awaiting each send and some feeding and flushing,
+/// while a heartbeat every 2 ms competes for the connection's writer turn: every message
+/// arrives once and each writer's in order, all on the first connection, and the pings are
+/// not starved (no heartbeat failure). The messages are 256 KiB and tungstenite writes each
+/// out at once (no write buffer), so that writes fill the socket and stop halfway through a
+/// batch: two writers at once would interleave their batches, or one would never be woken
+/// (tokio-tungstenite keeps one write waker), and the writers would not finish in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_and_heartbeats_share_the_connection_in_order() {
+    const WRITERS: usize = 4;
+    const EACH: usize = 60;
+    let server = TestServer::start(Behaviour::Echo { ack: false }).await;
+    let unbuffered = WebSocketConfig::default().write_buffer_size(0);
+    let (client, mut incoming) = builder(server.url())
+        .connector(WsConnector::new().with_config(unbuffered))
+        .heartbeat(2 * MS, Duration::from_secs(2))
+        .build()
+        .unwrap();
+    // Echoes are read and dropped, so the reader never stops for a full channel.
+    tokio::spawn(async move { while incoming.next().await.is_some() {} });
+    client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+
+    let writers = (0..WRITERS).map(|w| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for n in 0..EACH {
+                let message = text(&format!("{w}-{n}-{}", "x".repeat(256 * 1024)));
+                if w % 2 == 0 {
+                    client.send(message).await.expect("written");
+                } else {
+                    client.feed(message).expect("room in the queue");
+                    if n % 5 == 4 {
+                        client.flush().await.expect("flushed");
+                    }
+                }
+                if n % 7 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            client.flush().await.expect("flushed");
+        })
+    });
+    let all = futures_util::future::join_all(writers);
+    for writer in timeout(Duration::from_secs(10), all)
+        .await
+        .expect("every writer finished in time")
+    {
+        writer.expect("a writer panicked");
+    }
+
+    server
+        .wait_for("every message", |e| {
+            e.iter().filter(|e| matches!(e, Event::Text(..))).count() == WRITERS * EACH
+        })
+        .await;
+    let mut next = [0usize; WRITERS];
+    for event in server.events() {
+        if let Event::Text(connection, t) = event {
+            assert_eq!(connection, 1, "all on the first connection");
+            let mut parts = t.splitn(3, '-');
+            let mut number = || parts.next().expect("<writer>-<n>-<padding>").parse().ok();
+            let (w, n): (usize, usize) = (number().unwrap(), number().unwrap());
+            assert_eq!(n, next[w], "writer {w}'s messages in order, once each");
+            next[w] += 1;
+        }
+    }
+    assert_eq!(next, [EACH; WRITERS]);
+    assert!(
+        server.events().iter().any(|e| matches!(e, Event::Ping(1))),
+        "the heartbeat pinged while the writers wrote"
+    );
+    let stats = client.stats();
+    assert_eq!(
+        (stats.accepted, stats.written, stats.held),
+        (240, 240, 0),
+        "{stats:?}"
+    );
+    let ledger = client.handle().ledger();
+    assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+    assert!(client.handle().state().is_connected());
 }

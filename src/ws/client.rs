@@ -2,22 +2,23 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures_util::SinkExt;
 use tokio::sync::{Notify, mpsc};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Bytes, Message};
 use tower::ServiceExt;
 use tower::retry::backoff::{Backoff, ExponentialBackoffMaker, MakeBackoff};
 
-use super::conn::{self, Heartbeat, WsConn};
+use super::conn::{self, Heartbeat, WriterTurn, WsConn};
 use super::connector::{WsConnector, endpoint_of};
 use super::error::{SendError, WsError};
 use crate::backoff::default_backoff;
@@ -64,9 +65,30 @@ pub(crate) struct Pending {
     /// The clock when it was accepted: a closing connection takes only what was accepted while
     /// it was installed (or before).
     accepted: Epoch,
-    pub(crate) message: Message,
+    held: Held,
     /// Completed writes of this message (more than one after an at-least-once re-send).
     writes: u32,
+}
+
+/// How a batch keeps a message while its write is in flight, for a retry if the write does not
+/// complete: the message itself, with a clone written; or, for a small message without
+/// at-least-once, a copy of its bytes in the write's buffers, with the message itself written
+/// (a copy of a few bytes costs less than a second reference to them).
+enum Held {
+    Message(Message),
+    Copied { len: usize, text: bool },
+}
+
+/// Messages up to this size are kept as copies while in flight; larger ones by reference.
+const COPY_MAX: usize = 256;
+
+impl Held {
+    fn into_message(self) -> Message {
+        match self {
+            Held::Message(message) => message,
+            Held::Copied { .. } => unreachable!("copies live only in a batch in flight"),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -80,8 +102,8 @@ struct Outbox {
     next_seq: u64,
     /// Messages held: queued, in flight, or unacknowledged.
     held: usize,
-    /// An empty buffer to swap with the queue when a writer takes a batch (no reallocation).
-    spare: VecDeque<Pending>,
+    /// Empty buffers for the next write (no reallocation).
+    spare: Buffers,
     /// The installed connection, while its monitor runs.
     current: Option<(Epoch, WsConn)>,
     stats: Stats,
@@ -107,56 +129,94 @@ impl Outbox {
     }
 }
 
-/// A batch being written. Dropped before [`InFlight::written`], it goes back to the front of
-/// the queue: a write that did not complete is retried on the next connection.
-pub(crate) struct InFlight<'a> {
-    shared: &'a Shared,
+/// A batch taken off the queue to be written, with the writer's turn on its connection. Its
+/// owner finishes it ([`Shared::finish`]) once written and flushed, or abandons it
+/// ([`Shared::abandon`]) otherwise: the batch goes back to the front of the queue, and a write
+/// that did not complete is retried on the next connection.
+pub(crate) struct WriteJob {
+    turn: WriterTurn,
+    scope: Drain,
+    /// The sequence number of the batch's first message.
     first: u64,
-    batch: Option<VecDeque<Pending>>,
+    buffers: Buffers,
+    /// How many of the batch's messages the connection has taken.
+    next: usize,
+    /// Small messages may be kept as copies (not with at-least-once, which keeps messages).
+    copy: bool,
 }
 
-impl InFlight<'_> {
-    fn messages(&self) -> &VecDeque<Pending> {
-        self.batch.as_ref().expect("held until written or dropped")
+/// The buffers of a write, kept between writes so that a batch allocates nothing.
+#[derive(Default)]
+struct Buffers {
+    batch: VecDeque<Pending>,
+    /// The bytes of the batch's [`Held::Copied`] messages, in order.
+    copies: Vec<u8>,
+}
+
+impl WriteJob {
+    /// Feeds the rest of the batch and flushes once, taking the stream's lock once per poll
+    /// rather than once per message; `next` keeps the place across polls.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tungstenite::Error>> {
+        let mut ws = self.turn.stream();
+        let Buffers { batch, copies } = &mut self.buffers;
+        while let Some(pending) = batch.get_mut(self.next) {
+            ready!(ws.poll_ready_unpin(cx))?;
+            ws.start_send_unpin(pending.take_for_write(self.copy, copies))?;
+            self.next += 1;
+        }
+        ws.poll_flush_unpin(cx)
     }
 
-    /// The batch was written and flushed.
-    fn written(mut self) {
-        let mut batch = self.batch.take().expect("written once");
-        let shared = self.shared;
-        let mut outbox = shared.lock();
-        outbox.in_flight.retain(|(first, _)| *first != self.first);
-        outbox.stats.written += batch.len() as u64;
-        if shared.settings.ack.is_some() {
-            // Kept until acknowledged; a second write of one is a re-send.
-            for pending in &mut batch {
-                outbox.stats.resent += u64::from(pending.writes > 0);
-                pending.writes += 1;
+    /// The batch whole again, as it was taken, for the queue; and the turn, to hold until the
+    /// batch is back.
+    fn into_parts(self) -> (WriterTurn, VecDeque<Pending>) {
+        let Buffers { mut batch, copies } = self.buffers;
+        let mut at = 0;
+        for pending in &mut batch {
+            if let Held::Copied { len, text } = pending.held {
+                let bytes = &copies[at..at + len];
+                at += len;
+                pending.held = Held::Message(if text {
+                    Message::text(std::str::from_utf8(bytes).expect("copied from a text message"))
+                } else {
+                    Message::binary(Bytes::copy_from_slice(bytes))
+                });
             }
-            outbox.unacked.extend(batch.drain(..));
-        } else {
-            // Without acknowledgements a message is written once: a batch is only written
-            // again if its write did not complete, and then `writes` was never counted.
-            outbox.held -= batch.len();
-            batch.clear();
         }
-        if outbox.spare.capacity() < batch.capacity() {
-            outbox.spare = batch;
-        }
-        let written = outbox.written_up_to();
-        drop(outbox);
-        shared.written.fetch_max(written, Ordering::SeqCst);
-        shared.progress.notify();
-        shared.space.notify();
+        (self.turn, batch)
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Pending {
+    /// The message for the connection; the batch keeps it, or a copy, until the flush.
+    fn take_for_write(&mut self, copy: bool, copies: &mut Vec<u8>) -> Message {
+        let Held::Message(message) = &self.held else {
+            unreachable!("a message is written once per batch")
+        };
+        let (bytes, text): (&[u8], bool) = match message {
+            Message::Text(text) => (text.as_bytes(), true),
+            Message::Binary(bytes) => (bytes, false),
+            _ => unreachable!("only data messages are accepted"),
+        };
+        if !copy || bytes.len() > COPY_MAX {
+            return message.clone();
+        }
+        copies.extend_from_slice(bytes);
+        let len = bytes.len();
+        std::mem::replace(&mut self.held, Held::Copied { len, text }).into_message()
+    }
+}
+
+/// Abandons the job it holds when dropped: a write cut short goes back to the queue.
+struct Abandon<'a> {
+    shared: &'a Shared,
+    job: Option<WriteJob>,
+}
+
+impl Drop for Abandon<'_> {
     fn drop(&mut self) {
-        if let Some(batch) = self.batch.take() {
-            let mut outbox = self.shared.lock();
-            outbox.in_flight.retain(|(first, _)| *first != self.first);
-            outbox.requeue(batch);
+        if let Some(job) = self.job.take() {
+            self.shared.abandon(job);
         }
     }
 }
@@ -310,44 +370,135 @@ impl Shared {
     /// Cancel-safe: if the future is dropped during a write (a timeout, a released
     /// connection), the batch goes back to the front of the queue, as after a failed write.
     pub(crate) async fn drain(&self, conn: &WsConn, scope: Drain) -> Result<(), WsError> {
-        let _turn = conn.writer().await;
-        while let Some(batch) = self.take_batch(scope) {
-            let result = conn.write_all(batch.messages()).await;
+        let turn = conn.turn().await;
+        let mut job = Abandon {
+            shared: self,
+            job: self.take_job(turn, scope),
+        };
+        while let Some(current) = job.job.as_mut() {
+            let result = poll_fn(|cx| current.poll_write(cx)).await;
+            let current = job.job.take().expect("held until written or abandoned");
             if let Err(error) = result {
-                drop(batch); // back to the queue
+                self.abandon(current);
                 conn.mark_broken();
                 return Err(WsError::from_transport(error));
             }
-            batch.written();
+            job.job = self.finish(current);
         }
         Ok(())
     }
 
-    /// Takes the next batch off the queue, as `scope` allows.
-    fn take_batch(&self, scope: Drain) -> Option<InFlight<'_>> {
+    /// The fast path of a writer: the installed connection's turn and the queue, if the turn
+    /// is free and there is something to write. One lock, no waiting.
+    fn try_job(&self) -> Option<WriteJob> {
         let mut outbox = self.lock();
-        let batch: VecDeque<Pending> = match scope {
-            Drain::Installed(epoch) if self.clock.is_current(epoch) => {
-                let spare = std::mem::take(&mut outbox.spare);
-                std::mem::replace(&mut outbox.queue, spare)
+        let (epoch, conn) = outbox.current.as_ref()?;
+        let epoch = *epoch;
+        if outbox.queue.is_empty() || !self.clock.is_current(epoch) {
+            return None;
+        }
+        let turn = conn.try_turn()?;
+        self.job(&mut outbox, turn, Drain::Installed(epoch))
+    }
+
+    /// A job for the writer that holds `turn`, if `scope` allows a batch.
+    fn take_job(&self, turn: WriterTurn, scope: Drain) -> Option<WriteJob> {
+        self.job(&mut self.lock(), turn, scope)
+    }
+
+    fn job(&self, outbox: &mut Outbox, turn: WriterTurn, scope: Drain) -> Option<WriteJob> {
+        let mut buffers = std::mem::take(&mut outbox.spare);
+        let Some(first) = self.take_batch(outbox, scope, &mut buffers.batch) else {
+            outbox.spare = buffers;
+            return None;
+        };
+        Some(WriteJob {
+            turn,
+            scope,
+            first,
+            buffers,
+            next: 0,
+            copy: self.settings.ack.is_none(),
+        })
+    }
+
+    /// Moves the next batch off the queue into `batch` (empty), as `scope` allows, and
+    /// returns its first sequence number.
+    fn take_batch(
+        &self,
+        outbox: &mut Outbox,
+        scope: Drain,
+        batch: &mut VecDeque<Pending>,
+    ) -> Option<u64> {
+        debug_assert!(batch.is_empty());
+        match scope {
+            Drain::Installed(epoch) => {
+                if outbox.queue.is_empty() || !self.clock.is_current(epoch) {
+                    return None;
+                }
+                std::mem::swap(&mut outbox.queue, batch);
             }
-            Drain::Installed(_) => return None,
             Drain::Closing(epoch) => {
                 let n = outbox
                     .queue
                     .iter()
                     .position(|p| p.accepted > epoch)
                     .unwrap_or(outbox.queue.len());
-                outbox.queue.drain(..n).collect()
+                batch.extend(outbox.queue.drain(..n));
             }
-        };
+        }
         let first = batch.front()?.seq;
         outbox.in_flight.push((first, batch.len()));
-        Some(InFlight {
-            shared: self,
-            first,
-            batch: Some(batch),
-        })
+        Some(first)
+    }
+
+    /// The job's batch was written and flushed: it is retired (or, at-least-once, kept until
+    /// acknowledged). Returns the job again with the next batch, if `scope` allows one: a
+    /// writer keeps its turn until the queue is empty.
+    fn finish(&self, mut job: WriteJob) -> Option<WriteJob> {
+        let mut outbox = self.lock();
+        let buffers = &mut job.buffers;
+        outbox.in_flight.retain(|(first, _)| *first != job.first);
+        outbox.stats.written += buffers.batch.len() as u64;
+        if self.settings.ack.is_some() {
+            // Kept until acknowledged; a second write of one is a re-send.
+            for pending in &mut buffers.batch {
+                outbox.stats.resent += u64::from(pending.writes > 0);
+                pending.writes += 1;
+            }
+            outbox.unacked.extend(buffers.batch.drain(..));
+        } else {
+            // Without acknowledgements a message is written once: a batch is only written
+            // again if its write did not complete, and then `writes` was never counted.
+            outbox.held -= buffers.batch.len();
+            buffers.batch.clear();
+        }
+        buffers.copies.clear();
+        let next = self.take_batch(&mut outbox, job.scope, &mut buffers.batch);
+        if next.is_none() && outbox.spare.batch.capacity() < buffers.batch.capacity() {
+            std::mem::swap(&mut outbox.spare, buffers);
+        }
+        let written = outbox.written_up_to();
+        drop(outbox);
+        self.written.fetch_max(written, Ordering::SeqCst);
+        self.progress.notify();
+        self.space.notify();
+        let first = next?;
+        job.first = first;
+        job.next = 0;
+        Some(job)
+    }
+
+    /// The job's write did not complete: its batch goes back to the front of the queue.
+    fn abandon(&self, job: WriteJob) {
+        let first = job.first;
+        let (turn, batch) = job.into_parts();
+        let mut outbox = self.lock();
+        outbox.in_flight.retain(|(f, _)| *f != first);
+        outbox.requeue(batch);
+        drop(outbox);
+        // Released only now: no other writer takes the queue before the batch is back.
+        drop(turn);
     }
 
     /// An incoming data message: with at-least-once, it may acknowledge earlier sends.
@@ -399,7 +550,7 @@ impl Shared {
         outbox.queue.push_back(Pending {
             seq,
             accepted: self.clock.now(),
-            message,
+            held: Held::Message(message),
             writes: 0,
         });
         outbox.stats.accepted += 1;
@@ -411,8 +562,9 @@ impl Shared {
         Ok(seq)
     }
 
-    /// Waits until `seq` and everything before it is written, writing it ourselves when a
-    /// connection is installed (no hop to another task on the hot path).
+    /// The slow path of [`Written`]: waits until `seq` and everything before it is written,
+    /// writing it from this task whenever a connection is installed and waiting for progress
+    /// otherwise.
     async fn written(self: Arc<Self>, seq: u64) -> Result<u64, SendError> {
         let done = || self.written.load(Ordering::SeqCst) >= seq;
         loop {
@@ -434,6 +586,107 @@ impl Shared {
             self.progress
                 .wait_until(|| done() || self.closed.load(Ordering::SeqCst))
                 .await;
+        }
+    }
+}
+
+/// Resolves once a sequence number and everything before it has been written. While a
+/// connection is installed and its writer's turn is free, it writes from the caller's task,
+/// with no allocation and no hop to another task; otherwise it falls back to
+/// [`Shared::written`].
+struct Written {
+    shared: Arc<Shared>,
+    seq: u64,
+    state: WrittenState,
+}
+
+enum WrittenState {
+    /// Check, then try the fast path.
+    Start,
+    /// The fast path: our write, in progress.
+    Writing(WriteJob),
+    /// The slow path.
+    Waiting(Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send>>),
+    Done,
+}
+
+impl Written {
+    fn new(shared: Arc<Shared>, seq: u64) -> Written {
+        Written {
+            shared,
+            seq,
+            state: WrittenState::Start,
+        }
+    }
+
+    fn slow(&self) -> WrittenState {
+        WrittenState::Waiting(Box::pin(Arc::clone(&self.shared).written(self.seq)))
+    }
+}
+
+impl Future for Written {
+    type Output = Result<u64, SendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                WrittenState::Start => {
+                    if this.shared.written.load(Ordering::SeqCst) >= this.seq {
+                        this.state = WrittenState::Done;
+                        return Poll::Ready(Ok(this.seq));
+                    }
+                    this.state = match this.shared.try_job() {
+                        Some(job) => WrittenState::Writing(job),
+                        None => this.slow(),
+                    };
+                }
+                WrittenState::Writing(job) => {
+                    let result = ready!(job.poll_write(cx));
+                    let WrittenState::Writing(job) =
+                        std::mem::replace(&mut this.state, WrittenState::Start)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    match result {
+                        Ok(()) => {
+                            if let Some(next) = this.shared.finish(job) {
+                                this.state = WrittenState::Writing(next);
+                            }
+                        }
+                        Err(error) => {
+                            // As in `Shared::drain`: the monitor reports the broken
+                            // connection, and the batch waits for the next one.
+                            tracing::debug!(%error, "write failed");
+                            let conn = job.turn.conn().clone();
+                            this.shared.abandon(job);
+                            conn.mark_broken();
+                            this.state = this.slow();
+                        }
+                    }
+                }
+                WrittenState::Waiting(slow) => {
+                    let out = ready!(slow.as_mut().poll(cx));
+                    this.state = WrittenState::Done;
+                    return Poll::Ready(out);
+                }
+                WrittenState::Done => panic!("`Written` polled after completion"),
+            }
+        }
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.state, WrittenState::Done) {
+            WrittenState::Done => {}
+            state => {
+                if let WrittenState::Writing(job) = state {
+                    self.shared.abandon(job);
+                }
+                // Not seen through: the background writer takes it from here.
+                self.shared.wake_writer.notify_one();
+            }
         }
     }
 }
@@ -585,32 +838,19 @@ impl WsClient {
     /// so the peer can acknowledge it by number (see
     /// [`at_least_once`](WsClientBuilder::at_least_once)).
     pub fn send_with(&self, make: impl FnOnce(u64) -> Message + Send + 'static) -> SendFuture {
-        let shared = Arc::clone(&self.shared);
-        let (seq, state) = match shared.accept(make, false) {
-            Ok(seq) => (Some(seq), None),
+        let shared = &self.shared;
+        let inner = match shared.accept(make, false) {
+            Ok(seq) => SendInner::Accepted(Written::new(Arc::clone(shared), seq)),
             Err(SendError::Full { message, .. }) if shared.settings.when_full == WhenFull::Wait => {
-                (None, Some(message))
+                let shared = Arc::clone(shared);
+                SendInner::Waiting(Box::pin(async move {
+                    let seq = shared.wait_for_room(message).await?;
+                    Written::new(shared, seq).await
+                }))
             }
-            Err(error) => {
-                return SendFuture {
-                    shared,
-                    seq: None,
-                    inner: Box::pin(std::future::ready(Err(error))),
-                };
-            }
+            Err(error) => SendInner::Failed(Some(error)),
         };
-        let inner = {
-            let shared = Arc::clone(&shared);
-            Box::pin(async move {
-                let seq = match (seq, state) {
-                    (Some(seq), _) => seq,
-                    (None, Some(message)) => shared.wait_for_room(message).await?,
-                    (None, None) => unreachable!("either accepted or waiting with the message"),
-                };
-                shared.written(seq).await
-            }) as Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send>>
-        };
-        SendFuture { shared, seq, inner }
+        SendFuture { inner }
     }
 
     /// Accepts a message without waiting, like `Sink::feed`: it is written in the background,
@@ -634,7 +874,7 @@ impl WsClient {
     /// bound it with `tokio::time::timeout` where the connection may stay down.
     pub async fn flush(&self) -> Result<(), SendError> {
         let last = self.shared.lock().next_seq;
-        Arc::clone(&self.shared).written(last).await.map(drop)
+        Written::new(Arc::clone(&self.shared), last).await.map(drop)
     }
 
     /// Counters of the outbound traffic.
@@ -658,7 +898,7 @@ impl WsClient {
         unacked
             .into_iter()
             .chain(queue)
-            .map(|p| (p.seq, p.message))
+            .map(|p| (p.seq, p.held.into_message()))
             .collect()
     }
 }
@@ -683,15 +923,25 @@ impl Shared {
 /// Future of [`WsClient::send`]: resolves with the message's sequence number once it is written.
 #[must_use = "the message is queued; await this to know it was written"]
 pub struct SendFuture {
-    shared: Arc<Shared>,
-    seq: Option<u64>,
-    inner: Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send>>,
+    inner: SendInner,
+}
+
+enum SendInner {
+    /// Accepted when `send` was called.
+    Accepted(Written),
+    /// The queue was full: waiting for room, then for the write.
+    Waiting(Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send>>),
+    /// Refused when `send` was called.
+    Failed(Option<SendError>),
 }
 
 impl SendFuture {
     /// The message's sequence number, if it was accepted when `send` was called.
     pub fn seq(&self) -> Option<u64> {
-        self.seq
+        match &self.inner {
+            SendInner::Accepted(written) => Some(written.seq),
+            SendInner::Waiting(_) | SendInner::Failed(_) => None,
+        }
     }
 }
 
@@ -699,17 +949,12 @@ impl Future for SendFuture {
     type Output = Result<u64, SendError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let out = std::task::ready!(self.inner.as_mut().poll(cx));
-        self.seq = None;
-        Poll::Ready(out)
-    }
-}
-
-impl Drop for SendFuture {
-    fn drop(&mut self) {
-        // Accepted and not seen through: the background writer takes it from here.
-        if self.seq.is_some() {
-            self.shared.wake_writer.notify_one();
+        match &mut self.inner {
+            SendInner::Accepted(written) => Pin::new(written).poll(cx),
+            SendInner::Waiting(waiting) => waiting.as_mut().poll(cx),
+            SendInner::Failed(error) => Poll::Ready(Err(error
+                .take()
+                .expect("`SendFuture` polled after completion"))),
         }
     }
 }
@@ -717,7 +962,7 @@ impl Drop for SendFuture {
 impl fmt::Debug for SendFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SendFuture")
-            .field("seq", &self.seq)
+            .field("seq", &self.seq())
             .finish_non_exhaustive()
     }
 }
@@ -923,5 +1168,88 @@ impl<B> WsClientBuilder<B> {
         drop(service);
         tokio::spawn(driver);
         Ok((WsClient { shared, handle }, Incoming { rx: incoming_rx }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::*;
+    use crate::ws::BoxIo;
+
+    fn pending(seq: u64, message: Message) -> Pending {
+        Pending {
+            seq,
+            accepted: Epoch::ZERO,
+            held: Held::Message(message),
+            writes: 0,
+        }
+    }
+
+    /// A write cut short halfway (the peer reads nothing) gives the batch back whole: small
+    /// messages kept as copies are put back together, text as text and binary as binary, in
+    /// their places among the large ones kept by reference.
+    #[tokio::test]
+    async fn a_batch_cut_short_comes_back_whole_from_its_copies() {
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let stream =
+            WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, None).await;
+        let conn = WsConn::new(stream);
+        let big = "x".repeat(COPY_MAX + 1);
+        let messages = vec![
+            Message::text("small text"),
+            Message::binary(vec![0u8, 159, 146, 150]),
+            Message::text(big.clone()),
+            Message::binary(big.clone().into_bytes()),
+            Message::text(""),
+            Message::text("ünïcödé"),
+        ];
+        let batch: VecDeque<Pending> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| pending(i as u64 + 1, m.clone()))
+            .collect();
+        let mut job = WriteJob {
+            turn: conn.try_turn().expect("free"),
+            scope: Drain::Installed(Epoch::ZERO),
+            first: 1,
+            buffers: Buffers {
+                batch,
+                copies: Vec::new(),
+            },
+            next: 0,
+            copy: true,
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(
+            job.poll_write(&mut cx).is_pending(),
+            "the peer reads nothing"
+        );
+        assert_eq!(job.next, messages.len(), "all fed, the flush waits");
+        let copied = job
+            .buffers
+            .batch
+            .iter()
+            .filter(|p| matches!(p.held, Held::Copied { .. }))
+            .count();
+        assert_eq!(copied, 4, "the small ones are kept as copies");
+
+        let (turn, batch) = job.into_parts();
+        assert!(
+            conn.try_turn().is_none(),
+            "the turn is held until the batch is back"
+        );
+        drop(turn);
+        let back: Vec<(u64, Message)> = batch
+            .into_iter()
+            .map(|p| (p.seq, p.held.into_message()))
+            .collect();
+        let expected: Vec<(u64, Message)> = (1..).zip(messages).collect();
+        assert_eq!(back, expected);
+        assert!(conn.try_turn().is_some(), "released");
     }
 }

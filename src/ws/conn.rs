@@ -1,9 +1,9 @@
 //! One WebSocket connection as the layer manages it, its per-connection loop (the monitor) and
 //! its graceful close (the teardown).
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -12,14 +12,14 @@ use std::sync::Mutex as StdMutex;
 use std::task::ready;
 
 use futures_util::{SinkExt, StreamExt, future};
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use super::client::{Drain, Pending, Received, Shared};
+use super::client::{Drain, Received, Shared};
 use super::connector::WsStream;
 use super::error::WsError;
 use crate::epoch::Epoch;
@@ -36,7 +36,7 @@ pub(crate) struct ConnInner {
     /// poll by poll, as a split stream would, without a lock per message.
     ws: StdMutex<WsStream>,
     /// One writer at a time, across polls: batches stay whole and in order.
-    writer: Mutex<()>,
+    turn: Turn,
     /// The epoch it was installed at (never set for a connection discarded as stale).
     epoch: OnceLock<Epoch>,
     /// A writer failed on this connection: the monitor reports it.
@@ -47,7 +47,7 @@ impl WsConn {
     pub(crate) fn new(stream: WsStream) -> Self {
         WsConn(Arc::new(ConnInner {
             ws: StdMutex::new(stream),
-            writer: Mutex::new(()),
+            turn: Turn::default(),
             epoch: OnceLock::new(),
             broken: Notify::new(),
         }))
@@ -57,34 +57,20 @@ impl WsConn {
         self.0.ws.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the writer's turn; hold it across a run of batches.
-    pub(crate) async fn writer(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.0.writer.lock().await
+    /// The writer's turn, if it is free and nobody waits for it.
+    pub(crate) fn try_turn(&self) -> Option<WriterTurn> {
+        self.0.turn.try_take().then(|| WriterTurn(self.clone()))
     }
 
-    /// Writes the batch's messages (clones: the batch keeps them until the flush has
-    /// completed) and flushes once, taking the stream's lock once per poll rather than once per
-    /// message. Call with the writer's turn held.
-    pub(crate) async fn write_all(
-        &self,
-        batch: &VecDeque<Pending>,
-    ) -> Result<(), tungstenite::Error> {
-        let mut next = 0;
-        poll_fn(|cx| {
-            let mut ws = self.ws();
-            while let Some(pending) = batch.get(next) {
-                ready!(ws.poll_ready_unpin(cx))?;
-                ws.start_send_unpin(pending.message.clone())?;
-                next += 1;
-            }
-            ws.poll_flush_unpin(cx)
-        })
-        .await
+    /// Waits for the writer's turn; hold it across a run of batches.
+    pub(crate) async fn turn(&self) -> WriterTurn {
+        self.0.turn.take().await;
+        WriterTurn(self.clone())
     }
 
     /// Sends one message and flushes, taking the writer's turn.
     async fn send(&self, message: Message) -> Result<(), tungstenite::Error> {
-        let _turn = self.writer().await;
+        let _turn = self.turn().await;
         let mut message = Some(message);
         poll_fn(|cx| {
             let mut ws = self.ws();
@@ -99,7 +85,7 @@ impl WsConn {
 
     /// Flushes what tungstenite has queued (a pong, a close reply), taking the writer's turn.
     async fn flush(&self) -> Result<(), tungstenite::Error> {
-        let _turn = self.writer().await;
+        let _turn = self.turn().await;
         poll_fn(|cx| self.ws().poll_flush_unpin(cx)).await
     }
 
@@ -110,6 +96,91 @@ impl WsConn {
 
     pub(crate) fn mark_broken(&self) {
         self.0.broken.notify_one();
+    }
+}
+
+/// The writer's turn on one connection, held while a writer feeds a batch and flushes it.
+/// Released when dropped.
+pub(crate) struct WriterTurn(WsConn);
+
+impl WriterTurn {
+    pub(crate) fn conn(&self) -> &WsConn {
+        &self.0
+    }
+
+    /// The stream, for a writer's poll (locked for that poll only).
+    pub(crate) fn stream(&self) -> std::sync::MutexGuard<'_, WsStream> {
+        self.0.ws()
+    }
+}
+
+impl Drop for WriterTurn {
+    fn drop(&mut self) {
+        self.0.0.turn.release();
+    }
+}
+
+/// One writer at a time, as an async mutex would, but cheaper on the path without contention
+/// (one compare-and-swap to take, one subtraction to release) and with waiters first: `try_take`
+/// fails while a writer waits, so writers that only try (the send fast path) cannot starve one
+/// that waits (the monitor's ping, the teardown's Close).
+#[derive(Default)]
+struct Turn {
+    /// [`HELD`], plus [`WAITER`] for each writer waiting.
+    state: AtomicUsize,
+    released: Notify,
+}
+
+const HELD: usize = 1;
+const WAITER: usize = 2;
+
+impl Turn {
+    fn try_take(&self) -> bool {
+        self.state
+            .compare_exchange(0, HELD, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Cancel-safe: dropped while waiting, it holds nothing and waits no more.
+    async fn take(&self) {
+        self.state.fetch_add(WAITER, Ordering::SeqCst);
+        let _waiting = Waiting(self);
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            // Registered before the check: a release after it wakes us.
+            released.as_mut().enable();
+            let mut state = self.state.load(Ordering::SeqCst);
+            while state & HELD == 0 {
+                match self.state.compare_exchange_weak(
+                    state,
+                    state | HELD,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                ) {
+                    Ok(_) => return,
+                    Err(now) => state = now,
+                }
+            }
+            released.await;
+        }
+    }
+
+    fn release(&self) {
+        let before = self.state.fetch_sub(HELD, Ordering::SeqCst);
+        if before != HELD {
+            // Writers wait: they race for the turn, and the losers wait again.
+            self.released.notify_waiters();
+        }
+    }
+}
+
+/// A writer waiting in [`Turn::take`], counted until it has the turn or gives up.
+struct Waiting<'a>(&'a Turn);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.state.fetch_sub(WAITER, Ordering::SeqCst);
     }
 }
 
@@ -311,4 +382,102 @@ pub(crate) async fn close(shared: Arc<Shared>, conn: WsConn, cause: CloseCause) 
 pub(crate) struct Heartbeat {
     pub(crate) interval: Duration,
     pub(crate) timeout: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+    use std::sync::atomic::AtomicBool;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    fn poll_once(future: Pin<&mut impl Future<Output = ()>>) -> Poll<()> {
+        future.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn a_writer_that_waits_goes_before_one_that_only_tries() {
+        let turn = Turn::default();
+        assert!(turn.try_take());
+        assert!(!turn.try_take(), "held");
+
+        let mut waiting = pin!(turn.take());
+        assert!(
+            poll_once(waiting.as_mut()).is_pending(),
+            "held by the first"
+        );
+        turn.release();
+        assert!(!turn.try_take(), "free, but a writer waits for it");
+        assert!(
+            poll_once(waiting.as_mut()).is_ready(),
+            "the waiter takes it"
+        );
+        assert!(!turn.try_take(), "held by the waiter");
+        turn.release();
+        assert!(turn.try_take(), "free, nobody waits");
+        turn.release();
+        assert_eq!(turn.state.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_writer_that_gives_up_waiting_leaves_nothing_behind() {
+        let turn = Turn::default();
+        assert!(turn.try_take());
+        {
+            let mut waiting = pin!(turn.take());
+            assert!(poll_once(waiting.as_mut()).is_pending());
+        }
+        assert!(!turn.try_take(), "still held by the first");
+        turn.release();
+        assert!(turn.try_take(), "the waiter that gave up no longer counts");
+        // Released while a writer waits, which gives up before it runs: the turn is free.
+        {
+            let mut waiting = pin!(turn.take());
+            assert!(poll_once(waiting.as_mut()).is_pending());
+            turn.release();
+        }
+        assert_eq!(turn.state.load(Ordering::SeqCst), 0, "free, no waiter");
+        assert!(turn.try_take());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writers_on_many_threads_hold_the_turn_one_at_a_time() {
+        const WRITERS: usize = 8;
+        const ROUNDS: usize = 2_000;
+        let shared = Arc::new((Turn::default(), AtomicBool::new(false), AtomicUsize::new(0)));
+        let writers = (0..WRITERS).map(|i| {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let (turn, inside, turns) = &*shared;
+                for round in 0..ROUNDS {
+                    // Half the writers only try, as the send fast path does.
+                    if (i + round) % 2 == 0 && !turn.try_take() {
+                        tokio::task::yield_now().await;
+                        continue;
+                    } else if (i + round) % 2 == 1 {
+                        turn.take().await;
+                    }
+                    assert!(!inside.swap(true, Ordering::SeqCst), "two writers at once");
+                    tokio::task::yield_now().await;
+                    inside.store(false, Ordering::SeqCst);
+                    turns.fetch_add(1, Ordering::SeqCst);
+                    turn.release();
+                }
+            })
+        });
+        let all = futures_util::future::join_all(writers);
+        for result in tokio::time::timeout(Duration::from_secs(20), all)
+            .await
+            .expect("no writer waits forever")
+        {
+            result.expect("a writer panicked");
+        }
+        let (turn, _, turns) = &*shared;
+        assert!(
+            turns.load(Ordering::SeqCst) >= WRITERS * ROUNDS / 2,
+            "every waiter got its turns"
+        );
+        assert_eq!(turn.state.load(Ordering::SeqCst), 0, "free, no waiter");
+    }
 }
