@@ -1,12 +1,12 @@
 //! Messages per second of 32-byte text messages through [`WsClient`] against raw
-//! tokio-tungstenite, on loopback.
+//! tokio-tungstenite, on loopback, and over an in-memory stream.
 //!
-//! Both sides talk to the same in-process tokio-tungstenite server (`accept_async`) on
-//! 127.0.0.1, which runs on its own thread with its own current-thread runtime, so the
-//! measured runtime runs only the sending side. The server reads every message, checks that it
-//! is the 32-byte text, counts it per connection, and discards it: it does not echo, so neither
-//! side has anything to drain and the comparison is of the write path alone (an echo would add
-//! the same read path to both sides and only blur the difference).
+//! On loopback, both sides talk to the same in-process tokio-tungstenite server on 127.0.0.1,
+//! which runs on its own thread with its own current-thread runtime, so the measured runtime
+//! runs only the sending side. The server reads every message, checks that it is the 32-byte
+//! text, counts it per connection, and discards it: it does not echo, so neither side has
+//! anything to drain and the comparison is of the write path alone (an echo would add the same
+//! read path to both sides and only blur the difference).
 //!
 //! Why a separate thread: on a shared runtime the server's work would be timed too, and unevenly.
 //! The server reads when the sender yields, which tokio's cooperative budget decides; the client
@@ -26,7 +26,7 @@
 //! - `ws_client`: [`WsClient`] built with `no_heartbeat()`, connected through its handle
 //!   before measuring (its driver and monitor run on the same runtime).
 //!
-//! Two groups, one per mode, in `Throughput::Elements` (messages):
+//! Two groups on loopback, one per mode, in `Throughput::Elements` (messages):
 //!
 //! - `awaited`: each send awaited before the next, one flush per message:
 //!   `client.send(m).await` vs `ws.send(m).await`.
@@ -38,7 +38,14 @@
 //! exactly the messages that side sent so far, or panics; at the end the client must still be
 //! on its first connection.
 //!
-//! Target: `ws_client` at least 0.9x `raw` in both modes.
+//! Two more groups, `memory/awaited` and `memory/pipelined`, run the same loops over an
+//! in-memory stream that answers the WebSocket handshake and then takes every write at once,
+//! counting the bytes (the client reaches it through a custom [`Dial`]). With no kernel and no
+//! peer, they measure the CPU each side spends per message, which the loopback figures mix with
+//! the scheduler's and the server's timing; after each sample the stream must have taken
+//! exactly the bytes of the frames sent.
+//!
+//! Target: `ws_client` at least 0.9x `raw` in both loopback modes.
 //!
 //! Run with `cargo bench --bench ws`.
 
@@ -51,10 +58,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::{Builder, Runtime};
 use tokio_tungstenite::WebSocketStream;
-use tower_epoch::ws::{Incoming, Message, WsClient};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tower_epoch::ws::{BoxFuture, BoxIo, Dial, Incoming, Message, WsClient, WsConnector};
 
 /// The payload: 32 bytes of text.
 const PAYLOAD: &str = "0123456789abcdef0123456789abcdef";
@@ -303,5 +312,225 @@ fn ws(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, ws);
+/// The frame of [`PAYLOAD`] from a client: 2 header bytes, a 4-byte mask, the payload.
+const FRAME_LEN: u64 = 2 + 4 + PAYLOAD.len() as u64;
+
+/// An in-memory stream: answers the WebSocket handshake, then takes every write at once and
+/// counts its bytes; reads never complete after the handshake.
+struct Memory {
+    request: Vec<u8>,
+    response: Option<Vec<u8>>,
+    upgraded: bool,
+    written: Arc<AtomicU64>,
+}
+
+impl Memory {
+    fn new(written: Arc<AtomicU64>) -> Memory {
+        Memory {
+            request: Vec::new(),
+            response: None,
+            upgraded: false,
+            written,
+        }
+    }
+
+    /// The handshake request is complete: prepare the 101 answer.
+    fn answer(&mut self) -> std::io::Result<()> {
+        let request = String::from_utf8_lossy(&self.request);
+        let key = request
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| value.trim().to_owned())
+            })
+            .ok_or_else(|| std::io::Error::other("no Sec-WebSocket-Key"))?;
+        self.response = Some(
+            format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                derive_accept_key(key.as_bytes())
+            )
+            .into_bytes(),
+        );
+        self.upgraded = true;
+        Ok(())
+    }
+}
+
+impl AsyncRead for Memory {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.response.take() {
+            Some(response) => {
+                buf.put_slice(&response);
+                std::task::Poll::Ready(Ok(()))
+            }
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for Memory {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        bytes: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.upgraded {
+            self.written
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        } else {
+            self.request.extend_from_slice(bytes);
+            if self.request.ends_with(b"\r\n\r\n") {
+                self.answer()?;
+            }
+        }
+        std::task::Poll::Ready(Ok(bytes.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Dials a fresh [`Memory`] stream counting into the same counter.
+struct MemoryDial(Arc<AtomicU64>);
+
+impl Dial for MemoryDial {
+    fn dial(&self, _host: &str, _port: u16) -> BoxFuture<std::io::Result<BoxIo>> {
+        let written = Arc::clone(&self.0);
+        Box::pin(async move { Ok(Box::new(Memory::new(written)) as BoxIo) })
+    }
+}
+
+/// Checks that a memory side's stream took exactly the frames of the messages sent.
+fn took(written: &AtomicU64, sent: u64, side: &str) {
+    let bytes = written.load(Ordering::Relaxed);
+    assert_eq!(
+        bytes,
+        sent * FRAME_LEN,
+        "{side}: {bytes} bytes for {sent} messages"
+    );
+}
+
+fn memory(c: &mut Criterion) {
+    let rt = runtime();
+    let message = Message::text(PAYLOAD);
+    let (raw_written, client_written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut raw = rt.block_on(async {
+        let io = Box::new(Memory::new(Arc::clone(&raw_written))) as BoxIo;
+        let (ws, _) = tokio_tungstenite::client_async("ws://memory/raw", io)
+            .await
+            .expect("upgrade");
+        ws
+    });
+    let (client, _incoming) = {
+        let _guard = rt.enter();
+        WsClient::builder("ws://memory/client")
+            .expect("a good URL")
+            .connector(WsConnector::new().with_dial(MemoryDial(Arc::clone(&client_written))))
+            .no_heartbeat()
+            .build()
+            .expect("build the client")
+    };
+    rt.block_on(async {
+        let mut states = client.handle().subscribe();
+        client.handle().connect().expect("the driver is running");
+        tokio::time::timeout(WAIT, states.wait_for(|s| s.is_connected()))
+            .await
+            .expect("connected within the bound")
+            .expect("state channel open");
+    });
+    let (mut raw_sent, mut client_sent) = (0, 0);
+
+    let mut group = c.benchmark_group("memory/awaited");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("raw", |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    raw.send(message.clone()).await.expect("raw send");
+                }
+                start.elapsed()
+            });
+            raw_sent += iters;
+            took(&raw_written, raw_sent, "memory/awaited/raw");
+            elapsed
+        })
+    });
+    group.bench_function("ws_client", |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let seq = client.send(message.clone()).await.expect("send");
+                    black_box(seq);
+                }
+                start.elapsed()
+            });
+            client_sent += iters;
+            took(&client_written, client_sent, "memory/awaited/ws_client");
+            elapsed
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("memory/pipelined");
+    group.throughput(Throughput::Elements(BATCH));
+    group.bench_function("raw", |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    for _ in 0..BATCH {
+                        raw.feed(message.clone()).await.expect("raw feed");
+                    }
+                    raw.flush().await.expect("raw flush");
+                }
+                start.elapsed()
+            });
+            raw_sent += iters * BATCH;
+            took(&raw_written, raw_sent, "memory/pipelined/raw");
+            elapsed
+        })
+    });
+    group.bench_function("ws_client", |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    for _ in 0..BATCH {
+                        let seq = client.feed(message.clone()).expect("feed");
+                        black_box(seq);
+                    }
+                    client.flush().await.expect("flush");
+                }
+                start.elapsed()
+            });
+            client_sent += iters * BATCH;
+            took(&client_written, client_sent, "memory/pipelined/ws_client");
+            elapsed
+        })
+    });
+    group.finish();
+    let ledger = client.handle().ledger();
+    assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+}
+
+criterion_group!(benches, ws, memory);
 criterion_main!(benches);

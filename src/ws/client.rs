@@ -14,7 +14,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Bytes, Message};
+use tokio_tungstenite::tungstenite::{self, Bytes, Message, Utf8Bytes};
 use tower::ServiceExt;
 use tower::retry::backoff::{Backoff, ExponentialBackoffMaker, MakeBackoff};
 
@@ -70,22 +70,34 @@ pub(crate) struct Pending {
     writes: u32,
 }
 
-/// How a batch keeps a message while its write is in flight, for a retry if the write does not
-/// complete: the message itself, with a clone written; or, for a small message without
-/// at-least-once, a copy of its bytes in the write's buffers, with the message itself written
-/// (a copy of a few bytes costs less than a second reference to them).
+/// A held message: its payload alone (a `Message` is 56 bytes, for the sake of its `Frame`
+/// variant, which is never held). While its write is in flight the batch keeps it for a retry
+/// if the write does not complete: the payload itself, with a clone written; or, for a small
+/// message without at-least-once, a copy of its bytes in the write's buffers, with the payload
+/// itself written (a copy of a few bytes costs less than a second reference to them).
 enum Held {
-    Message(Message),
-    Copied { len: usize, text: bool },
+    Text(Utf8Bytes),
+    Binary(Bytes),
+    Copied { len: u32, text: bool },
 }
 
 /// Messages up to this size are kept as copies while in flight; larger ones by reference.
 const COPY_MAX: usize = 256;
 
 impl Held {
+    /// The payload of a data message, or the message back.
+    fn new(message: Message) -> Result<Held, Message> {
+        match message {
+            Message::Text(text) => Ok(Held::Text(text)),
+            Message::Binary(bytes) => Ok(Held::Binary(bytes)),
+            other => Err(other),
+        }
+    }
+
     fn into_message(self) -> Message {
         match self {
-            Held::Message(message) => message,
+            Held::Text(text) => Message::Text(text),
+            Held::Binary(bytes) => Message::Binary(bytes),
             Held::Copied { .. } => unreachable!("copies live only in a batch in flight"),
         }
     }
@@ -174,13 +186,14 @@ impl WriteJob {
         let mut at = 0;
         for pending in &mut batch {
             if let Held::Copied { len, text } = pending.held {
-                let bytes = &copies[at..at + len];
-                at += len;
-                pending.held = Held::Message(if text {
-                    Message::text(std::str::from_utf8(bytes).expect("copied from a text message"))
+                let bytes = &copies[at..at + len as usize];
+                at += len as usize;
+                pending.held = if text {
+                    let text = std::str::from_utf8(bytes).expect("copied from a text message");
+                    Held::Text(text.into())
                 } else {
-                    Message::binary(Bytes::copy_from_slice(bytes))
-                });
+                    Held::Binary(Bytes::copy_from_slice(bytes))
+                };
             }
         }
         (self.turn, batch)
@@ -190,20 +203,30 @@ impl WriteJob {
 impl Pending {
     /// The message for the connection; the batch keeps it, or a copy, until the flush.
     fn take_for_write(&mut self, copy: bool, copies: &mut Vec<u8>) -> Message {
-        let Held::Message(message) = &self.held else {
-            unreachable!("a message is written once per batch")
+        let copied = match &self.held {
+            Held::Text(text) if !copy || text.len() > COPY_MAX => {
+                return Message::Text(text.clone());
+            }
+            Held::Binary(bytes) if !copy || bytes.len() > COPY_MAX => {
+                return Message::Binary(bytes.clone());
+            }
+            Held::Text(text) => {
+                copies.extend_from_slice(text.as_bytes());
+                Held::Copied {
+                    len: text.len() as u32, // at most COPY_MAX
+                    text: true,
+                }
+            }
+            Held::Binary(bytes) => {
+                copies.extend_from_slice(bytes);
+                Held::Copied {
+                    len: bytes.len() as u32,
+                    text: false,
+                }
+            }
+            Held::Copied { .. } => unreachable!("a message is written once per batch"),
         };
-        let (bytes, text): (&[u8], bool) = match message {
-            Message::Text(text) => (text.as_bytes(), true),
-            Message::Binary(bytes) => (bytes, false),
-            _ => unreachable!("only data messages are accepted"),
-        };
-        if !copy || bytes.len() > COPY_MAX {
-            return message.clone();
-        }
-        copies.extend_from_slice(bytes);
-        let len = bytes.len();
-        std::mem::replace(&mut self.held, Held::Copied { len, text }).into_message()
+        std::mem::replace(&mut self.held, copied).into_message()
     }
 }
 
@@ -370,20 +393,27 @@ impl Shared {
     /// Cancel-safe: if the future is dropped during a write (a timeout, a released
     /// connection), the batch goes back to the front of the queue, as after a failed write.
     pub(crate) async fn drain(&self, conn: &WsConn, scope: Drain) -> Result<(), WsError> {
-        let turn = conn.turn().await;
+        let turn = match scope {
+            // Any other writer of the installed connection empties the queue as it goes: wait
+            // for it to be done, not in line behind it, so that the send fast path stays open.
+            Drain::Installed(_) => conn.free_turn().await,
+            // The last writes of a closing connection, in line with its ping and its Close.
+            Drain::Closing(_) => conn.turn().await,
+        };
         let mut job = Abandon {
             shared: self,
             job: self.take_job(turn, scope),
         };
         while let Some(current) = job.job.as_mut() {
-            let result = poll_fn(|cx| current.poll_write(cx)).await;
-            let current = job.job.take().expect("held until written or abandoned");
-            if let Err(error) = result {
+            if let Err(error) = poll_fn(|cx| current.poll_write(cx)).await {
+                let current = job.job.take().expect("held until written or abandoned");
                 self.abandon(current);
                 conn.mark_broken();
                 return Err(WsError::from_transport(error));
             }
-            job.job = self.finish(current);
+            if !self.finish(current) {
+                job.job = None; // the turn is released
+            }
         }
         Ok(())
     }
@@ -453,9 +483,9 @@ impl Shared {
     }
 
     /// The job's batch was written and flushed: it is retired (or, at-least-once, kept until
-    /// acknowledged). Returns the job again with the next batch, if `scope` allows one: a
+    /// acknowledged). Returns whether the job has the next batch, if `scope` allows one: a
     /// writer keeps its turn until the queue is empty.
-    fn finish(&self, mut job: WriteJob) -> Option<WriteJob> {
+    fn finish(&self, job: &mut WriteJob) -> bool {
         let mut outbox = self.lock();
         let buffers = &mut job.buffers;
         outbox.in_flight.retain(|(first, _)| *first != job.first);
@@ -483,10 +513,11 @@ impl Shared {
         self.written.fetch_max(written, Ordering::SeqCst);
         self.progress.notify();
         self.space.notify();
-        let first = next?;
-        job.first = first;
-        job.next = 0;
-        Some(job)
+        if let Some(first) = next {
+            job.first = first;
+            job.next = 0;
+        }
+        next.is_some()
     }
 
     /// The job's write did not complete: its batch goes back to the front of the queue.
@@ -535,13 +566,10 @@ impl Shared {
         }
         let mut outbox = self.lock();
         let seq = outbox.next_seq + 1;
-        let message = make(seq);
-        if !matches!(message, Message::Text(_) | Message::Binary(_)) {
-            return Err(SendError::NotData(message));
-        }
+        let held = Held::new(make(seq)).map_err(SendError::NotData)?;
         if outbox.held >= self.settings.capacity {
             return Err(SendError::Full {
-                message,
+                message: held.into_message(),
                 capacity: self.settings.capacity,
             });
         }
@@ -550,7 +578,7 @@ impl Shared {
         outbox.queue.push_back(Pending {
             seq,
             accepted: self.clock.now(),
-            held: Held::Message(message),
+            held,
             writes: 0,
         });
         outbox.stats.accepted += 1;
@@ -641,30 +669,27 @@ impl Future for Written {
                         None => this.slow(),
                     };
                 }
-                WrittenState::Writing(job) => {
-                    let result = ready!(job.poll_write(cx));
-                    let WrittenState::Writing(job) =
-                        std::mem::replace(&mut this.state, WrittenState::Start)
-                    else {
-                        unreachable!("matched above")
-                    };
-                    match result {
-                        Ok(()) => {
-                            if let Some(next) = this.shared.finish(job) {
-                                this.state = WrittenState::Writing(next);
-                            }
-                        }
-                        Err(error) => {
-                            // As in `Shared::drain`: the monitor reports the broken
-                            // connection, and the batch waits for the next one.
-                            tracing::debug!(%error, "write failed");
-                            let conn = job.turn.conn().clone();
-                            this.shared.abandon(job);
-                            conn.mark_broken();
-                            this.state = this.slow();
+                WrittenState::Writing(job) => match ready!(job.poll_write(cx)) {
+                    Ok(()) => {
+                        if !this.shared.finish(job) {
+                            this.state = WrittenState::Start; // the turn is released
                         }
                     }
-                }
+                    Err(error) => {
+                        // As in `Shared::drain`: the monitor reports the broken connection,
+                        // and the batch waits for the next one.
+                        tracing::debug!(%error, "write failed");
+                        let WrittenState::Writing(job) =
+                            std::mem::replace(&mut this.state, WrittenState::Start)
+                        else {
+                            unreachable!("matched above")
+                        };
+                        let conn = job.turn.conn().clone();
+                        this.shared.abandon(job);
+                        conn.mark_broken();
+                        this.state = this.slow();
+                    }
+                },
                 WrittenState::Waiting(slow) => {
                     let out = ready!(slow.as_mut().poll(cx));
                     this.state = WrittenState::Done;
@@ -1185,7 +1210,7 @@ mod tests {
         Pending {
             seq,
             accepted: Epoch::ZERO,
-            held: Held::Message(message),
+            held: Held::new(message).expect("data"),
             writes: 0,
         }
     }

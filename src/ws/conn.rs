@@ -62,10 +62,23 @@ impl WsConn {
         self.0.turn.try_take().then(|| WriterTurn(self.clone()))
     }
 
-    /// Waits for the writer's turn; hold it across a run of batches.
+    /// Waits for the writer's turn, in line with the other writers that wait; hold it across a
+    /// run of batches.
     pub(crate) async fn turn(&self) -> WriterTurn {
         self.0.turn.take().await;
         WriterTurn(self.clone())
+    }
+
+    /// Waits for the writer's turn without getting in line: it is taken only when free and
+    /// nobody waits for it, so writers that only try keep their fast path. For writers that
+    /// drain the queue, which any other draining writer empties anyway.
+    pub(crate) async fn free_turn(&self) -> WriterTurn {
+        loop {
+            if let Some(turn) = self.try_turn() {
+                return turn;
+            }
+            self.0.turn.released().await;
+        }
     }
 
     /// Sends one message and flushes, taking the writer's turn.
@@ -128,6 +141,8 @@ impl Drop for WriterTurn {
 struct Turn {
     /// [`HELD`], plus [`WAITER`] for each writer waiting.
     state: AtomicUsize,
+    /// Writers watching for a release without waiting in line ([`Turn::released`]).
+    watchers: AtomicUsize,
     released: Notify,
 }
 
@@ -168,10 +183,32 @@ impl Turn {
 
     fn release(&self) {
         let before = self.state.fetch_sub(HELD, Ordering::SeqCst);
-        if before != HELD {
-            // Writers wait: they race for the turn, and the losers wait again.
+        if before != HELD || self.watchers.load(Ordering::SeqCst) > 0 {
+            // Writers wait or watch: they race for the turn, and the losers wait again.
             self.released.notify_waiters();
         }
+    }
+
+    /// Returns once the turn is free with nobody waiting for it: at once if it is now, or at
+    /// the next release (or waiter giving up) otherwise. Holds nothing: cancel-safe.
+    async fn released(&self) {
+        self.watchers.fetch_add(1, Ordering::SeqCst);
+        let _watching = Watching(self);
+        let released = self.released.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        if self.state.load(Ordering::SeqCst) != 0 {
+            released.await;
+        }
+    }
+}
+
+/// A writer in [`Turn::released`], counted until it returns or gives up.
+struct Watching<'a>(&'a Turn);
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        self.0.watchers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -180,7 +217,11 @@ struct Waiting<'a>(&'a Turn);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.state.fetch_sub(WAITER, Ordering::SeqCst);
+        let before = self.0.state.fetch_sub(WAITER, Ordering::SeqCst);
+        if before == WAITER && self.0.watchers.load(Ordering::SeqCst) > 0 {
+            // The last waiter gave up a free turn: watchers may take it now.
+            self.0.released.notify_waiters();
+        }
     }
 }
 
@@ -441,6 +482,52 @@ mod tests {
         assert!(turn.try_take());
     }
 
+    #[test]
+    fn a_writer_that_watches_does_not_get_in_the_way() {
+        let turn = Turn::default();
+        let mut watching = pin!(turn.released());
+        assert!(poll_once(watching.as_mut()).is_ready(), "free: at once");
+
+        assert!(turn.try_take());
+        let mut watching = pin!(turn.released());
+        assert!(poll_once(watching.as_mut()).is_pending(), "held");
+        turn.release();
+        assert!(
+            turn.try_take(),
+            "a watcher does not hold back a writer that tries"
+        );
+        assert!(
+            poll_once(watching.as_mut()).is_ready(),
+            "woken by the release"
+        );
+        turn.release();
+    }
+
+    #[test]
+    fn a_waiter_that_gives_up_a_free_turn_wakes_the_watchers() {
+        let turn = Turn::default();
+        assert!(turn.try_take());
+        let mut waiting = Box::pin(turn.take());
+        assert!(poll_once(waiting.as_mut()).is_pending());
+        turn.release(); // to the waiter, which has not run yet
+        let mut watching = pin!(turn.released());
+        assert!(
+            poll_once(watching.as_mut()).is_pending(),
+            "free, but a writer waits for it"
+        );
+        drop(waiting); // gives up before it runs
+        assert!(
+            poll_once(watching.as_mut()).is_ready(),
+            "the turn is free again"
+        );
+        assert_eq!(turn.state.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            turn.watchers.load(Ordering::SeqCst),
+            0,
+            "the watcher is done"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writers_on_many_threads_hold_the_turn_one_at_a_time() {
         const WRITERS: usize = 8;
@@ -451,12 +538,20 @@ mod tests {
             tokio::spawn(async move {
                 let (turn, inside, turns) = &*shared;
                 for round in 0..ROUNDS {
-                    // Half the writers only try, as the send fast path does.
-                    if (i + round) % 2 == 0 && !turn.try_take() {
-                        tokio::task::yield_now().await;
-                        continue;
-                    } else if (i + round) % 2 == 1 {
-                        turn.take().await;
+                    // A third of the writers only try, as the send fast path does; a third
+                    // watch for a release, as a draining writer does; a third wait in line.
+                    match (i + round) % 3 {
+                        0 if !turn.try_take() => {
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        0 => {}
+                        1 => {
+                            while !turn.try_take() {
+                                turn.released().await;
+                            }
+                        }
+                        _ => turn.take().await,
                     }
                     assert!(!inside.swap(true, Ordering::SeqCst), "two writers at once");
                     tokio::task::yield_now().await;
@@ -475,9 +570,10 @@ mod tests {
         }
         let (turn, _, turns) = &*shared;
         assert!(
-            turns.load(Ordering::SeqCst) >= WRITERS * ROUNDS / 2,
-            "every waiter got its turns"
+            turns.load(Ordering::SeqCst) >= WRITERS * ROUNDS * 2 / 3,
+            "every waiter and watcher got its turns"
         );
         assert_eq!(turn.state.load(Ordering::SeqCst), 0, "free, no waiter");
+        assert_eq!(turn.watchers.load(Ordering::SeqCst), 0, "no watcher");
     }
 }
