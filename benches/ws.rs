@@ -57,13 +57,15 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::{Builder, Runtime};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tower_epoch::ws::{BoxFuture, BoxIo, Dial, Incoming, Message, WsClient, WsConnector};
+use tower_epoch::ws::{
+    BoxFuture, BoxIo, Dial, Incoming, Message, WsClient, WsClientBuilder, WsConnector,
+};
 
 /// The payload: 32 bytes of text.
 const PAYLOAD: &str = "0123456789abcdef0123456789abcdef";
@@ -160,14 +162,13 @@ fn reached(count: &AtomicU64, expected: u64, side: &str) {
     }
 }
 
-/// A side under test: its messages and where the server counts them.
-struct Side<T> {
-    sink: T,
+/// Where the server counts a side's messages, and how many it was sent.
+struct Counted {
     count: Arc<AtomicU64>,
     sent: u64,
 }
 
-impl<T> Side<T> {
+impl Counted {
     /// Records `n` more messages sent and checks that they reached the server.
     fn check(&mut self, n: u64, side: &str) {
         self.sent += n;
@@ -176,7 +177,7 @@ impl<T> Side<T> {
 }
 
 /// Raw tokio-tungstenite over TCP with `TCP_NODELAY`.
-fn raw_side(rt: &Runtime, server: &Server) -> Side<WebSocketStream<TcpStream>> {
+fn raw_tcp(rt: &Runtime, server: &Server) -> (WebSocketStream<TcpStream>, Counted) {
     let addr = server.addr;
     let ws = rt.block_on(async move {
         tokio::time::timeout(WAIT, async {
@@ -190,23 +191,16 @@ fn raw_side(rt: &Runtime, server: &Server) -> Side<WebSocketStream<TcpStream>> {
         .await
         .expect("raw connection within the bound")
     });
-    Side {
-        sink: ws,
-        count: server.next_counter(),
-        sent: 0,
-    }
+    let count = server.next_counter();
+    (ws, Counted { count, sent: 0 })
 }
 
-/// A connected [`WsClient`]; its driver is spawned on `rt`. The server never sends data, so
-/// nothing needs to drain the [`Incoming`] stream; the caller only keeps it open.
-fn client_side(rt: &Runtime, server: &Server) -> (Side<WsClient>, Incoming) {
+/// A [`WsClient`] without heartbeat, connected; its driver is spawned on `rt`. Nothing sends it
+/// data, so nothing needs to drain the [`Incoming`] stream; the caller only keeps it open.
+fn connected(rt: &Runtime, builder: WsClientBuilder) -> (WsClient, Incoming) {
     let (client, incoming) = {
         let _guard = rt.enter();
-        WsClient::builder(format!("ws://{}/client", server.addr))
-            .expect("a good URL")
-            .no_heartbeat()
-            .build()
-            .expect("build the client")
+        builder.no_heartbeat().build().expect("build the client")
     };
     rt.block_on(async {
         let mut states = client.handle().subscribe();
@@ -216,33 +210,43 @@ fn client_side(rt: &Runtime, server: &Server) -> (Side<WsClient>, Incoming) {
             .expect("connected within the bound")
             .expect("state channel open");
     });
-    let side = Side {
-        sink: client,
-        count: server.next_counter(),
-        sent: 0,
-    };
-    (side, incoming)
+    (client, incoming)
 }
 
-fn ws(c: &mut Criterion) {
-    let rt = runtime();
-    let server = Server::start();
-    let message = Message::text(PAYLOAD);
-    let mut raw = raw_side(&rt, &server);
-    let (mut client, _incoming) = client_side(&rt, &server);
+/// Which side a sample ran.
+#[derive(Clone, Copy, Debug)]
+enum Who {
+    Raw,
+    Client,
+}
 
-    let mut group = c.benchmark_group("awaited");
+/// The two modes for one setting, named `{prefix}awaited` and `{prefix}pipelined`, each with
+/// `raw` and `ws_client`; every sample is followed by `check(who, messages sent in it)`.
+fn modes<R>(
+    c: &mut Criterion,
+    rt: &Runtime,
+    prefix: &str,
+    raw: &mut R,
+    client: &WsClient,
+    mut check: impl FnMut(Who, u64),
+) where
+    R: Sink<Message> + Unpin,
+    R::Error: std::fmt::Debug,
+{
+    let message = Message::text(PAYLOAD);
+
+    let mut group = c.benchmark_group(format!("{prefix}awaited"));
     group.throughput(Throughput::Elements(1));
     group.bench_function("raw", |b| {
         b.iter_custom(|iters| {
             let elapsed = rt.block_on(async {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    raw.sink.send(message.clone()).await.expect("raw send");
+                    raw.send(message.clone()).await.expect("raw send");
                 }
                 start.elapsed()
             });
-            raw.check(iters, "awaited/raw");
+            check(Who::Raw, iters);
             elapsed
         })
     });
@@ -251,18 +255,18 @@ fn ws(c: &mut Criterion) {
             let elapsed = rt.block_on(async {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    let seq = client.sink.send(message.clone()).await.expect("send");
+                    let seq = client.send(message.clone()).await.expect("send");
                     black_box(seq);
                 }
                 start.elapsed()
             });
-            client.check(iters, "awaited/ws_client");
+            check(Who::Client, iters);
             elapsed
         })
     });
     group.finish();
 
-    let mut group = c.benchmark_group("pipelined");
+    let mut group = c.benchmark_group(format!("{prefix}pipelined"));
     group.throughput(Throughput::Elements(BATCH));
     group.bench_function("raw", |b| {
         b.iter_custom(|iters| {
@@ -270,13 +274,13 @@ fn ws(c: &mut Criterion) {
                 let start = Instant::now();
                 for _ in 0..iters {
                     for _ in 0..BATCH {
-                        raw.sink.feed(message.clone()).await.expect("raw feed");
+                        raw.feed(message.clone()).await.expect("raw feed");
                     }
-                    raw.sink.flush().await.expect("raw flush");
+                    raw.flush().await.expect("raw flush");
                 }
                 start.elapsed()
             });
-            raw.check(iters * BATCH, "pipelined/raw");
+            check(Who::Raw, iters * BATCH);
             elapsed
         })
     });
@@ -286,28 +290,45 @@ fn ws(c: &mut Criterion) {
                 let start = Instant::now();
                 for _ in 0..iters {
                     for _ in 0..BATCH {
-                        let seq = client.sink.feed(message.clone()).expect("feed");
+                        let seq = client.feed(message.clone()).expect("feed");
                         black_box(seq);
                     }
-                    client.sink.flush().await.expect("flush");
+                    client.flush().await.expect("flush");
                 }
                 start.elapsed()
             });
-            client.check(iters * BATCH, "pipelined/ws_client");
+            check(Who::Client, iters * BATCH);
             elapsed
         })
     });
     group.finish();
+}
+
+fn ws(c: &mut Criterion) {
+    let rt = runtime();
+    let server = Server::start();
+    let (mut raw, mut raw_count) = raw_tcp(&rt, &server);
+    let builder = WsClient::builder(format!("ws://{}/client", server.addr)).expect("a good URL");
+    let (client, _incoming) = connected(&rt, builder);
+    let mut client_count = Counted {
+        count: server.next_counter(),
+        sent: 0,
+    };
+
+    modes(c, &rt, "", &mut raw, &client, |who, n| match who {
+        Who::Raw => raw_count.check(n, "raw"),
+        Who::Client => client_count.check(n, "ws_client"),
+    });
 
     // Everything fed was written, and the client never left its first connection.
-    let handle = client.sink.handle();
+    let handle = client.handle();
     let ledger = handle.ledger();
-    let stats = client.sink.stats();
+    let stats = client.stats();
     assert!(handle.state().is_connected(), "{:?}", handle.state());
     assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
     assert_eq!(
         (stats.accepted, stats.written, stats.held),
-        (client.sent, client.sent, 0),
+        (client_count.sent, client_count.sent, 0),
         "{stats:?}"
     );
 }
@@ -429,7 +450,6 @@ fn took(written: &AtomicU64, sent: u64, side: &str) {
 
 fn memory(c: &mut Criterion) {
     let rt = runtime();
-    let message = Message::text(PAYLOAD);
     let (raw_written, client_written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut raw = rt.block_on(async {
         let io = Box::new(Memory::new(Arc::clone(&raw_written))) as BoxIo;
@@ -438,96 +458,23 @@ fn memory(c: &mut Criterion) {
             .expect("upgrade");
         ws
     });
-    let (client, _incoming) = {
-        let _guard = rt.enter();
-        WsClient::builder("ws://memory/client")
-            .expect("a good URL")
-            .connector(WsConnector::new().with_dial(MemoryDial(Arc::clone(&client_written))))
-            .no_heartbeat()
-            .build()
-            .expect("build the client")
-    };
-    rt.block_on(async {
-        let mut states = client.handle().subscribe();
-        client.handle().connect().expect("the driver is running");
-        tokio::time::timeout(WAIT, states.wait_for(|s| s.is_connected()))
-            .await
-            .expect("connected within the bound")
-            .expect("state channel open");
-    });
+    let dial = MemoryDial(Arc::clone(&client_written));
+    let builder = WsClient::builder("ws://memory/client")
+        .expect("a good URL")
+        .connector(WsConnector::new().with_dial(dial));
+    let (client, _incoming) = connected(&rt, builder);
+
     let (mut raw_sent, mut client_sent) = (0, 0);
-
-    let mut group = c.benchmark_group("memory/awaited");
-    group.throughput(Throughput::Elements(1));
-    group.bench_function("raw", |b| {
-        b.iter_custom(|iters| {
-            let elapsed = rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    raw.send(message.clone()).await.expect("raw send");
-                }
-                start.elapsed()
-            });
-            raw_sent += iters;
-            took(&raw_written, raw_sent, "memory/awaited/raw");
-            elapsed
-        })
+    modes(c, &rt, "memory/", &mut raw, &client, |who, n| match who {
+        Who::Raw => {
+            raw_sent += n;
+            took(&raw_written, raw_sent, "memory raw");
+        }
+        Who::Client => {
+            client_sent += n;
+            took(&client_written, client_sent, "memory ws_client");
+        }
     });
-    group.bench_function("ws_client", |b| {
-        b.iter_custom(|iters| {
-            let elapsed = rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let seq = client.send(message.clone()).await.expect("send");
-                    black_box(seq);
-                }
-                start.elapsed()
-            });
-            client_sent += iters;
-            took(&client_written, client_sent, "memory/awaited/ws_client");
-            elapsed
-        })
-    });
-    group.finish();
-
-    let mut group = c.benchmark_group("memory/pipelined");
-    group.throughput(Throughput::Elements(BATCH));
-    group.bench_function("raw", |b| {
-        b.iter_custom(|iters| {
-            let elapsed = rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    for _ in 0..BATCH {
-                        raw.feed(message.clone()).await.expect("raw feed");
-                    }
-                    raw.flush().await.expect("raw flush");
-                }
-                start.elapsed()
-            });
-            raw_sent += iters * BATCH;
-            took(&raw_written, raw_sent, "memory/pipelined/raw");
-            elapsed
-        })
-    });
-    group.bench_function("ws_client", |b| {
-        b.iter_custom(|iters| {
-            let elapsed = rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    for _ in 0..BATCH {
-                        let seq = client.feed(message.clone()).expect("feed");
-                        black_box(seq);
-                    }
-                    client.flush().await.expect("flush");
-                }
-                start.elapsed()
-            });
-            client_sent += iters * BATCH;
-            took(&client_written, client_sent, "memory/pipelined/ws_client");
-            elapsed
-        })
-    });
-    group.finish();
     let ledger = client.handle().ledger();
     assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
 }
