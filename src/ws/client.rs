@@ -407,8 +407,7 @@ impl Shared {
         while let Some(current) = job.job.as_mut() {
             if let Err(error) = poll_fn(|cx| current.poll_write(cx)).await {
                 let current = job.job.take().expect("held until written or abandoned");
-                self.abandon(current);
-                conn.mark_broken();
+                self.write_failed(current);
                 return Err(WsError::from_transport(error));
             }
             if !self.finish(current) {
@@ -423,11 +422,9 @@ impl Shared {
     fn try_job(&self) -> Option<WriteJob> {
         let mut outbox = self.lock();
         let (epoch, conn) = outbox.current.as_ref()?;
-        let epoch = *epoch;
-        if outbox.queue.is_empty() || !self.clock.is_current(epoch) {
-            return None;
-        }
-        let turn = conn.try_turn()?;
+        let (epoch, turn) = (*epoch, conn.try_turn()?);
+        // `take_batch` checks that the epoch is current and the queue not empty; if not, the
+        // turn is released unused.
         self.job(&mut outbox, turn, Drain::Installed(epoch))
     }
 
@@ -518,6 +515,14 @@ impl Shared {
             job.next = 0;
         }
         next.is_some()
+    }
+
+    /// The job's write failed: its batch goes back to the queue and the connection is marked
+    /// broken; the monitor reports it, and the batch waits for the next connection.
+    fn write_failed(&self, job: WriteJob) {
+        let conn = job.turn.conn().clone();
+        self.abandon(job);
+        conn.mark_broken();
     }
 
     /// The job's write did not complete: its batch goes back to the front of the queue.
@@ -676,17 +681,13 @@ impl Future for Written {
                         }
                     }
                     Err(error) => {
-                        // As in `Shared::drain`: the monitor reports the broken connection,
-                        // and the batch waits for the next one.
                         tracing::debug!(%error, "write failed");
                         let WrittenState::Writing(job) =
                             std::mem::replace(&mut this.state, WrittenState::Start)
                         else {
                             unreachable!("matched above")
                         };
-                        let conn = job.turn.conn().clone();
-                        this.shared.abandon(job);
-                        conn.mark_broken();
+                        this.shared.write_failed(job);
                         this.state = this.slow();
                     }
                 },
