@@ -213,6 +213,15 @@ fn connected(rt: &Runtime, builder: WsClientBuilder) -> (WsClient, Incoming) {
     (client, incoming)
 }
 
+/// The time `run` takes on `rt`, measured inside the runtime (not its start-up).
+fn timed(rt: &Runtime, run: impl Future<Output = ()>) -> Duration {
+    rt.block_on(async {
+        let start = Instant::now();
+        run.await;
+        start.elapsed()
+    })
+}
+
 /// Which side a sample ran.
 #[derive(Clone, Copy, Debug)]
 enum Who {
@@ -239,12 +248,10 @@ fn modes<R>(
     group.throughput(Throughput::Elements(1));
     group.bench_function("raw", |b| {
         b.iter_custom(|iters| {
-            let elapsed = rt.block_on(async {
-                let start = Instant::now();
+            let elapsed = timed(rt, async {
                 for _ in 0..iters {
                     raw.send(message.clone()).await.expect("raw send");
                 }
-                start.elapsed()
             });
             check(Who::Raw, iters);
             elapsed
@@ -252,13 +259,11 @@ fn modes<R>(
     });
     group.bench_function("ws_client", |b| {
         b.iter_custom(|iters| {
-            let elapsed = rt.block_on(async {
-                let start = Instant::now();
+            let elapsed = timed(rt, async {
                 for _ in 0..iters {
                     let seq = client.send(message.clone()).await.expect("send");
                     black_box(seq);
                 }
-                start.elapsed()
             });
             check(Who::Client, iters);
             elapsed
@@ -270,15 +275,13 @@ fn modes<R>(
     group.throughput(Throughput::Elements(BATCH));
     group.bench_function("raw", |b| {
         b.iter_custom(|iters| {
-            let elapsed = rt.block_on(async {
-                let start = Instant::now();
+            let elapsed = timed(rt, async {
                 for _ in 0..iters {
                     for _ in 0..BATCH {
                         raw.feed(message.clone()).await.expect("raw feed");
                     }
                     raw.flush().await.expect("raw flush");
                 }
-                start.elapsed()
             });
             check(Who::Raw, iters * BATCH);
             elapsed
@@ -286,8 +289,7 @@ fn modes<R>(
     });
     group.bench_function("ws_client", |b| {
         b.iter_custom(|iters| {
-            let elapsed = rt.block_on(async {
-                let start = Instant::now();
+            let elapsed = timed(rt, async {
                 for _ in 0..iters {
                     for _ in 0..BATCH {
                         let seq = client.feed(message.clone()).expect("feed");
@@ -295,7 +297,6 @@ fn modes<R>(
                     }
                     client.flush().await.expect("flush");
                 }
-                start.elapsed()
             });
             check(Who::Client, iters * BATCH);
             elapsed
