@@ -47,7 +47,8 @@
 //!
 //! Target: `ws_client` at least 0.9x `raw` in both loopback modes.
 //!
-//! Run with `cargo bench --bench ws`.
+//! Run with `cargo bench --bench ws`. The bench profile builds each crate as one codegen unit
+//! (`Cargo.toml`); `BENCHMARKS.md` says why, and how to measure the default profile.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
