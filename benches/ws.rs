@@ -31,8 +31,9 @@
 //! - `awaited`: each send awaited before the next, one flush per message:
 //!   `client.send(m).await` vs `ws.send(m).await`.
 //! - `pipelined`: a batch of [`BATCH`] messages accepted without waiting, then one flush:
-//!   `client.feed(m)` for each then `client.flush().await`, vs `ws.feed(m).await` for each then
-//!   `ws.flush().await`.
+//!   `client.feed(m)` for each then `client.flush().await` (`ws_client`), and the same through
+//!   the client's `Sink`, `sink.feed(m).await` for each then `sink.flush().await` (`ws_sink`),
+//!   vs `ws.feed(m).await` for each then `ws.flush().await`.
 //!
 //! After every sample the bench waits (bounded by [`WAIT`]) until the server has counted
 //! exactly the messages that side sent so far, or panics; at the end the client must still be
@@ -297,6 +298,21 @@ fn modes<R>(
                         black_box(seq);
                     }
                     client.flush().await.expect("flush");
+                }
+            });
+            check(Who::Client, iters * BATCH);
+            elapsed
+        })
+    });
+    let mut sink = client.sink();
+    group.bench_function("ws_sink", |b| {
+        b.iter_custom(|iters| {
+            let elapsed = timed(rt, async {
+                for _ in 0..iters {
+                    for _ in 0..BATCH {
+                        sink.feed(message.clone()).await.expect("sink feed");
+                    }
+                    sink.flush().await.expect("sink flush");
                 }
             });
             check(Who::Client, iters * BATCH);

@@ -8,7 +8,7 @@ mod ws_support;
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tower::ServiceExt;
@@ -282,6 +282,112 @@ async fn the_queue_is_bounded_and_fails_or_waits_as_chosen() {
         .wait_for("all three", |e| e.contains(&Event::Text(1, "c".into())))
         .await;
     assert_eq!(server.texts(), vec!["a", "b", "c"]);
+}
+
+/// The client's `Sink` keeps what it is given until it hands it over (flushed, out of reserved
+/// room, or dropped), and then everything goes out in order, whatever the size of the run.
+#[tokio::test]
+async fn the_sink_hands_over_in_order_when_flushed_out_of_room_or_dropped() {
+    let server = TestServer::start(Behaviour::Echo { ack: false }).await;
+    let (client, _incoming) = builder(server.url()).build().unwrap();
+    client.handle().connect().unwrap();
+    wait_state(&client, "connected", State::is_connected).await;
+
+    let mut sink = client.sink();
+    sink.feed(text("a")).await.unwrap();
+    sink.feed(text("b")).await.unwrap();
+    assert_eq!(
+        client.stats().accepted,
+        0,
+        "kept in the sink until handed over"
+    );
+    timeout(Duration::from_secs(2), sink.flush())
+        .await
+        .expect("flushed while connected")
+        .unwrap();
+    assert_eq!(client.stats().accepted, 2);
+    server
+        .wait_for("a and b", |e| e.contains(&Event::Text(1, "b".into())))
+        .await;
+
+    // More than the sink reserves at a time: handed over run by run, all in order.
+    let many: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    let mut messages = futures_util::stream::iter(many.iter().map(|m| Ok(text(m))));
+    timeout(Duration::from_secs(5), sink.send_all(&mut messages))
+        .await
+        .expect("sent within the bound")
+        .unwrap();
+    assert_eq!(client.stats().accepted, 302);
+    assert_eq!(client.stats().written, 302, "written by the flush");
+
+    // Dropped unflushed: handed over, and written in the background.
+    sink.feed(text("last")).await.unwrap();
+    drop(sink);
+    server
+        .wait_for("the last one", |e| {
+            e.contains(&Event::Text(1, "last".into()))
+        })
+        .await;
+    let mut expected = vec!["a".to_string(), "b".to_string()];
+    expected.extend(many);
+    expected.push("last".into());
+    assert_eq!(server.texts(), expected);
+    assert_eq!(client.stats().held, 0);
+}
+
+/// The sink waits for room whatever `WhenFull` says, holds its reserved room against `feed`,
+/// gives back a message it has no room for or cannot send, and loses nothing.
+#[tokio::test]
+async fn the_sink_waits_for_room_and_gives_back_what_it_cannot_take() {
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
+    use futures_util::Sink;
+
+    let server = TestServer::start(Behaviour::Echo { ack: false }).await;
+    let (client, _incoming) = builder(server.url())
+        .queue_capacity(2)
+        .when_full(WhenFull::Fail)
+        .build()
+        .unwrap();
+    let mut sink = client.sink();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut ready = |sink: &mut tower_epoch::ws::WsSink| Pin::new(sink).poll_ready(&mut cx);
+
+    // Without `poll_ready` first there is no room for it: the message comes back.
+    match Pin::new(&mut sink).start_send(text("early")) {
+        Err(SendError::NotReady(message)) => assert_eq!(message, text("early")),
+        other => panic!("expected not ready, got {other:?}"),
+    }
+    // Disconnected, capacity 2: the sink reserves both slots.
+    assert!(matches!(ready(&mut sink), Poll::Ready(Ok(()))));
+    Pin::new(&mut sink).start_send(text("a")).unwrap();
+    match Pin::new(&mut sink).start_send(Message::Ping(Default::default())) {
+        Err(SendError::NotData(Message::Ping(_))) => {}
+        other => panic!("expected not data, got {other:?}"),
+    }
+    assert!(matches!(ready(&mut sink), Poll::Ready(Ok(()))));
+    Pin::new(&mut sink).start_send(text("b")).unwrap();
+    match client.feed(text("x")) {
+        Err(SendError::Full { message, .. }) => assert_eq!(message, text("x")),
+        other => panic!("the sink holds the room, got {other:?}"),
+    }
+    // Out of room: a and b go to the queue, and the sink waits (it does not fail).
+    assert!(ready(&mut sink).is_pending());
+    assert_eq!(client.stats().held, 2);
+
+    client.handle().connect().unwrap();
+    timeout(Duration::from_secs(2), async {
+        sink.feed(text("c")).await.unwrap();
+        sink.flush().await.unwrap();
+    })
+    .await
+    .expect("room once connected and written");
+    server
+        .wait_for("all three", |e| e.contains(&Event::Text(1, "c".into())))
+        .await;
+    assert_eq!(server.texts(), vec!["a", "b", "c"]);
+    assert_eq!(client.stats().accepted, 3);
 }
 
 // ---- faults of a misbehaving server ------------------------------------------------------

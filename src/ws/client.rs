@@ -114,6 +114,8 @@ struct Outbox {
     next_seq: u64,
     /// Messages held: queued, in flight, or unacknowledged.
     held: usize,
+    /// Room promised to [`WsSink`]s for messages they buffer and have not handed over yet.
+    reserved: usize,
     /// Empty buffers for the next write (no reallocation).
     spare: Buffers,
     /// The installed connection, while its monitor runs.
@@ -122,6 +124,11 @@ struct Outbox {
 }
 
 impl Outbox {
+    /// How many more messages fit: the capacity less what is held and reserved.
+    fn room(&self, capacity: usize) -> usize {
+        capacity.saturating_sub(self.held + self.reserved)
+    }
+
     /// Puts `messages` back at the front of the queue, in their order: they go out first.
     fn requeue(&mut self, mut messages: VecDeque<Pending>) {
         messages.append(&mut self.queue);
@@ -572,7 +579,7 @@ impl Shared {
         let mut outbox = self.lock();
         let seq = outbox.next_seq + 1;
         let held = Held::new(make(seq)).map_err(SendError::NotData)?;
-        if outbox.held >= self.settings.capacity {
+        if outbox.room(self.settings.capacity) == 0 {
             return Err(SendError::Full {
                 message: held.into_message(),
                 capacity: self.settings.capacity,
@@ -627,7 +634,7 @@ impl Shared {
 /// connection is installed and its writer's turn is free, it writes from the caller's task,
 /// with no allocation and no hop to another task; otherwise it falls back to
 /// [`Shared::written`].
-struct Written {
+pub(super) struct Written {
     shared: Arc<Shared>,
     seq: u64,
     state: WrittenState,
@@ -644,7 +651,7 @@ enum WrittenState {
 }
 
 impl Written {
-    fn new(shared: Arc<Shared>, seq: u64) -> Written {
+    pub(super) fn new(shared: Arc<Shared>, seq: u64) -> Written {
         Written {
             shared,
             seq,
@@ -903,6 +910,13 @@ impl WsClient {
         Written::new(Arc::clone(&self.shared), last).await.map(drop)
     }
 
+    /// A [`WsSink`](super::WsSink): this client as a `Sink<Message>`, which takes messages
+    /// without a lock and hands them to the queue in runs. Each sink keeps its own messages in
+    /// order; make one per task that sends.
+    pub fn sink(&self) -> super::WsSink {
+        super::WsSink::new(Arc::clone(&self.shared))
+    }
+
     /// Counters of the outbound traffic.
     pub fn stats(&self) -> Stats {
         let outbox = self.shared.lock();
@@ -938,11 +952,112 @@ impl Shared {
                 Err(SendError::Full { message: back, .. }) => message = Some(back),
                 Err(error) => return Err(error),
             }
-            let capacity = self.settings.capacity;
-            self.space
-                .wait_until(|| self.lock().held < capacity || self.closed.load(Ordering::SeqCst))
-                .await;
+            self.room_or_closed().await;
         }
+    }
+
+    fn has_room(&self) -> bool {
+        self.lock().room(self.settings.capacity) > 0
+    }
+
+    /// Returns once the queue has room (which another sender may take first) or the client
+    /// has closed.
+    pub(super) async fn room_or_closed(&self) {
+        self.space
+            .wait_until(|| self.has_room() || self.closed.load(Ordering::SeqCst))
+            .await;
+    }
+
+    /// Hands a sink's buffered messages to the queue, in order, numbered in turn and accepted
+    /// at the clock of now; then gives back what is left of the sink's reservation and
+    /// reserves up to `want` slots, as far as there is room. Returns the last sequence number
+    /// handed over, if any. One lock for the lot.
+    ///
+    /// Once the client has closed, the messages are queued all the same (so that
+    /// [`WsClient::take_unsent`] gives them back), nothing is reserved, and the result is
+    /// [`SendError::Closed`].
+    pub(super) fn hand_over(
+        &self,
+        buffered: &mut Buffered,
+        want: usize,
+    ) -> Result<Option<u64>, SendError> {
+        let mut outbox = self.lock();
+        let n = buffered.messages.len();
+        let mut last = None;
+        let mut was_empty = false;
+        if n > 0 {
+            let accepted = self.clock.now();
+            let mut seq = outbox.next_seq;
+            for pending in &mut buffered.messages {
+                seq += 1;
+                pending.seq = seq;
+                pending.accepted = accepted;
+            }
+            outbox.next_seq = seq;
+            was_empty = outbox.queue.is_empty();
+            if was_empty {
+                // The sink's buffer becomes the queue; the queue's, empty, the sink's.
+                std::mem::swap(&mut outbox.queue, &mut buffered.messages);
+            } else {
+                outbox.queue.append(&mut buffered.messages);
+            }
+            outbox.held += n;
+            outbox.stats.accepted += n as u64;
+            last = Some(seq);
+        }
+        let closed = self.closed.load(Ordering::Acquire);
+        outbox.reserved -= buffered.reserved;
+        buffered.reserved = if closed {
+            0
+        } else {
+            want.min(outbox.room(self.settings.capacity))
+        };
+        outbox.reserved += buffered.reserved;
+        drop(outbox);
+        if was_empty {
+            self.wake_writer.notify_one();
+        }
+        // Room given back, if the reservation shrank.
+        self.space.notify();
+        if closed {
+            return Err(SendError::Closed);
+        }
+        Ok(last)
+    }
+}
+
+/// The messages a [`WsSink`](super::WsSink) has taken and not yet handed to the queue, and
+/// the room reserved for them.
+#[derive(Default)]
+pub(super) struct Buffered {
+    messages: VecDeque<Pending>,
+    /// Slots reserved in the queue: at least as many as `messages`.
+    reserved: usize,
+}
+
+impl Buffered {
+    /// A reserved slot is free.
+    pub(super) fn has_slot(&self) -> bool {
+        self.messages.len() < self.reserved
+    }
+
+    /// Takes a data message into a reserved slot; numbered when it is handed over.
+    pub(super) fn push(&mut self, message: Message) -> Result<(), SendError> {
+        if !self.has_slot() {
+            return Err(SendError::NotReady(message));
+        }
+        let held = Held::new(message).map_err(SendError::NotData)?;
+        self.messages.push_back(Pending {
+            seq: 0,
+            accepted: Epoch::ZERO,
+            held,
+            writes: 0,
+        });
+        Ok(())
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.messages.len()
     }
 }
 

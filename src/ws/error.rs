@@ -116,6 +116,10 @@ pub enum SendError {
     /// The message is not a data message (text or binary): control frames are the client's.
     #[error("only text and binary messages can be sent")]
     NotData(Message),
+    /// [`WsSink`](super::WsSink) was given a message without a successful `poll_ready` before
+    /// it (the `Sink` contract): it has no room reserved for it.
+    #[error("`start_send` without a successful `poll_ready` before it")]
+    NotReady(Message),
     /// The client has shut down: every handle is gone or its driver stopped. Messages it had
     /// accepted and not written are returned by [`WsClient::take_unsent`](super::WsClient::take_unsent).
     #[error("the websocket client has shut down")]

@@ -6,7 +6,8 @@
 //!   [`WsError::PortOutOfRange`] rather than a connection to port 80.
 //! - [`WsClient`] manages one logical WebSocket connection with [`ReconnectLayer`]: an
 //!   outbound queue that survives disconnects, incoming messages tagged with their epoch,
-//!   heartbeats, graceful close, and optional at-least-once delivery.
+//!   heartbeats, graceful close, and optional at-least-once delivery. [`WsSink`] is the same
+//!   client as a `futures::Sink`.
 //!
 //! ```
 //! use std::time::Duration;
@@ -56,6 +57,7 @@ mod client;
 mod conn;
 mod connector;
 mod error;
+mod sink;
 #[cfg(feature = "tls")]
 mod tls;
 
@@ -64,5 +66,6 @@ pub use connector::{
     BoxFuture, BoxIo, Dial, Endpoint, Io, TcpDial, WsConnector, WsStream, endpoint,
 };
 pub use error::{SendError, WsError};
+pub use sink::WsSink;
 pub use tokio_tungstenite::tungstenite::Message;
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
