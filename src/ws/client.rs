@@ -995,12 +995,8 @@ impl Shared {
             }
             outbox.next_seq = seq;
             was_empty = outbox.queue.is_empty();
-            if was_empty {
-                // The sink's buffer becomes the queue; the queue's, empty, the sink's.
-                std::mem::swap(&mut outbox.queue, &mut buffered.messages);
-            } else {
-                outbox.queue.append(&mut buffered.messages);
-            }
+            // The sink keeps its buffer, with its capacity, for the next run.
+            outbox.queue.append(&mut buffered.messages);
             outbox.held += n;
             outbox.stats.accepted += n as u64;
             last = Some(seq);
