@@ -87,6 +87,12 @@ pub struct WsSink {
     flushing: Option<Written>,
 }
 
+// A sink moves between tasks and threads with the messages it keeps.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<WsSink>();
+};
+
 impl WsSink {
     pub(super) fn new(shared: Arc<Shared>) -> WsSink {
         WsSink {
