@@ -390,6 +390,30 @@ async fn the_sink_waits_for_room_and_gives_back_what_it_cannot_take() {
     assert_eq!(client.stats().accepted, 3);
 }
 
+/// Once the client has shut down (its last handle dropped), a sink fails with `Closed` rather
+/// than waiting for room or a connection that will never come.
+#[tokio::test]
+async fn the_sink_fails_once_the_client_has_shut_down() {
+    let server = TestServer::start(Behaviour::Echo { ack: false }).await;
+    let (client, _incoming) = builder(server.url()).build().unwrap();
+    let mut sink = client.sink();
+    sink.feed(text("kept")).await.unwrap();
+    drop(client);
+    let result = timeout(Duration::from_secs(2), async {
+        loop {
+            // Accepted until the driver has seen the last handle go; then `Closed`.
+            if let Err(error) = sink.feed(text("more")).await {
+                return error;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the driver stops within the bound");
+    assert!(matches!(result, SendError::Closed), "{result:?}");
+    assert!(matches!(sink.flush().await, Err(SendError::Closed)));
+}
+
 // ---- faults of a misbehaving server ------------------------------------------------------
 
 async fn fault(behaviour: Behaviour, expect: &str) {
