@@ -781,16 +781,16 @@ async fn nothing_accepted_after_a_release_goes_to_the_released_connection() {
     assert!(echoes.contains(&(resumed, text("after"))), "{echoes:?}");
 }
 
-/// Writers on several threads at once, some awaiting each send and some feeding and flushing,
-/// while a heartbeat every 2 ms competes for the connection's writer turn: every message
-/// arrives once and each writer's in order, all on the first connection, and the pings are
-/// not starved (no heartbeat failure). The messages are 256 KiB and tungstenite writes each
+/// Writers on several threads at once, some awaiting each send, some feeding and flushing, one
+/// through the client's `Sink`, while a heartbeat every 2 ms competes for the connection's
+/// writer turn: every message arrives once and each writer's in order, all on the first
+/// connection, and the pings are not starved (no heartbeat failure). The messages are 256 KiB and tungstenite writes each
 /// out at once (no write buffer), so that writes fill the socket and stop halfway through a
 /// batch: two writers at once would interleave their batches, or one would never be woken
 /// (tokio-tungstenite keeps one write waker), and the writers would not finish in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_and_heartbeats_share_the_connection_in_order() {
-    const WRITERS: usize = 4;
+    const WRITERS: usize = 5;
     const EACH: usize = 60;
     let server = TestServer::start(Behaviour::Echo { ack: false }).await;
     let unbuffered = WebSocketConfig::default().write_buffer_size(0);
@@ -807,9 +807,16 @@ async fn concurrent_writers_and_heartbeats_share_the_connection_in_order() {
     let writers = (0..WRITERS).map(|w| {
         let client = client.clone();
         tokio::spawn(async move {
+            let mut sink = client.sink();
             for n in 0..EACH {
                 let message = text(&format!("{w}-{n}-{}", "x".repeat(256 * 1024)));
-                if w % 2 == 0 {
+                if w == WRITERS - 1 {
+                    // Through the client's `Sink`, handed over at each flush.
+                    sink.feed(message).await.expect("room in the queue");
+                    if n % 5 == 4 {
+                        sink.flush().await.expect("flushed");
+                    }
+                } else if w % 2 == 0 {
                     client.send(message).await.expect("written");
                 } else {
                     client.feed(message).expect("room in the queue");
@@ -821,6 +828,7 @@ async fn concurrent_writers_and_heartbeats_share_the_connection_in_order() {
                     tokio::task::yield_now().await;
                 }
             }
+            sink.flush().await.expect("flushed");
             client.flush().await.expect("flushed");
         })
     });
@@ -856,7 +864,7 @@ async fn concurrent_writers_and_heartbeats_share_the_connection_in_order() {
     let stats = client.stats();
     assert_eq!(
         (stats.accepted, stats.written, stats.held),
-        (240, 240, 0),
+        ((WRITERS * EACH) as u64, (WRITERS * EACH) as u64, 0),
         "{stats:?}"
     );
     let ledger = client.handle().ledger();
