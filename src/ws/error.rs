@@ -99,8 +99,9 @@ impl WsError {
     }
 }
 
-/// Why [`WsClient::send`](super::WsClient::send) did not accept or deliver a message. The
-/// message comes back with the error: nothing is dropped silently.
+/// Why [`WsClient::send`](super::WsClient::send) (or `feed`, or a [`WsSink`](super::WsSink))
+/// did not accept or deliver a message. The message comes back with the error: nothing is
+/// dropped silently.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendError {
