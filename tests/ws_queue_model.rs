@@ -82,6 +82,15 @@ impl Model {
 /// A sender's messages, in the order given and not refused.
 type Given = HashMap<String, Vec<String>>;
 
+/// The texts `take_unsent` gives back, in order.
+fn unsent(client: &WsClient) -> Vec<String> {
+    client
+        .take_unsent()
+        .into_iter()
+        .map(|(_, m)| m.into_text().unwrap().to_string())
+        .collect()
+}
+
 fn run(capacity: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -174,12 +183,7 @@ fn run(capacity: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 generation[i] += 1;
             }
             Op::TakeUnsent => {
-                taken.extend(
-                    client
-                        .take_unsent()
-                        .into_iter()
-                        .map(|(_, m)| m.into_text().unwrap().to_string()),
-                );
+                taken.extend(unsent(&client));
                 model.held = 0;
             }
         }
@@ -188,12 +192,7 @@ fn run(capacity: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
 
     drop(sinks); // hands over what they buffered
-    taken.extend(
-        client
-            .take_unsent()
-            .into_iter()
-            .map(|(_, m)| m.into_text().unwrap().to_string()),
-    );
+    taken.extend(unsent(&client));
     prop_assert_eq!(client.stats().held, 0);
     // Every message given (and not refused) comes back once, each sender's in order.
     let mut back = Given::new();
