@@ -35,6 +35,10 @@
 //!   the client's `Sink`, `sink.feed(m).await` for each then `sink.flush().await` (`ws_sink`),
 //!   vs `ws.feed(m).await` for each then `ws.flush().await`.
 //!
+//! A third loopback group, `pipelined_floor`, measures two raw connections to the same server
+//! the same way (`raw` and `raw_again`): the ratio that two identical sides get in the same
+//! run, against which to read the others.
+//!
 //! After every sample the bench waits (bounded by [`WAIT`]) until the server has counted
 //! exactly the messages that side sent so far, or panics; at the end the client must still be
 //! on its first connection.
@@ -224,6 +228,20 @@ fn timed(rt: &Runtime, run: impl Future<Output = ()>) -> Duration {
     })
 }
 
+/// `iters` batches of [`BATCH`] messages fed into `sink` one by one, each batch flushed once.
+async fn feed_batches<S>(sink: &mut S, message: &Message, iters: u64)
+where
+    S: Sink<Message> + Unpin,
+    S::Error: std::fmt::Debug,
+{
+    for _ in 0..iters {
+        for _ in 0..BATCH {
+            sink.feed(message.clone()).await.expect("feed");
+        }
+        sink.flush().await.expect("flush");
+    }
+}
+
 /// Which side a sample ran.
 #[derive(Clone, Copy, Debug)]
 enum Who {
@@ -277,14 +295,7 @@ fn modes<R>(
     group.throughput(Throughput::Elements(BATCH));
     group.bench_function("raw", |b| {
         b.iter_custom(|iters| {
-            let elapsed = timed(rt, async {
-                for _ in 0..iters {
-                    for _ in 0..BATCH {
-                        raw.feed(message.clone()).await.expect("raw feed");
-                    }
-                    raw.flush().await.expect("raw flush");
-                }
-            });
+            let elapsed = timed(rt, feed_batches(raw, &message, iters));
             check(Who::Raw, iters * BATCH);
             elapsed
         })
@@ -307,14 +318,7 @@ fn modes<R>(
     let mut sink = client.sink();
     group.bench_function("ws_sink", |b| {
         b.iter_custom(|iters| {
-            let elapsed = timed(rt, async {
-                for _ in 0..iters {
-                    for _ in 0..BATCH {
-                        sink.feed(message.clone()).await.expect("sink feed");
-                    }
-                    sink.flush().await.expect("sink flush");
-                }
-            });
+            let elapsed = timed(rt, feed_batches(&mut sink, &message, iters));
             check(Who::Client, iters * BATCH);
             elapsed
         })
@@ -322,9 +326,30 @@ fn modes<R>(
     group.finish();
 }
 
+/// The noise floor of the loopback setting: two raw connections to the same server, measured
+/// one after the other exactly as `pipelined` measures raw and the client. Their ratio is what
+/// two identical sides get in this run.
+fn floor(c: &mut Criterion, rt: &Runtime, server: &Server) {
+    let message = Message::text(PAYLOAD);
+    let mut group = c.benchmark_group("pipelined_floor");
+    group.throughput(Throughput::Elements(BATCH));
+    for name in ["raw", "raw_again"] {
+        let (mut raw, mut counted) = raw_tcp(rt, server);
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let elapsed = timed(rt, feed_batches(&mut raw, &message, iters));
+                counted.check(iters * BATCH, name);
+                elapsed
+            })
+        });
+    }
+    group.finish();
+}
+
 fn ws(c: &mut Criterion) {
     let rt = runtime();
     let server = Server::start();
+    floor(c, &rt, &server);
     let (mut raw, mut raw_count) = raw_tcp(&rt, &server);
     let builder = WsClient::builder(format!("ws://{}/client", server.addr)).expect("a good URL");
     let (client, _incoming) = connected(&rt, builder);
