@@ -109,8 +109,8 @@ struct Outbox {
     queue: VecDeque<Pending>,
     /// At-least-once: written, waiting for an acknowledgement, in order.
     unacked: VecDeque<Pending>,
-    /// Batches taken by writers and being written: (first sequence number, length).
-    in_flight: Vec<(u64, usize)>,
+    /// Batches taken by writers and being written, by their first sequence number.
+    in_flight: Vec<u64>,
     next_seq: u64,
     /// Messages held: queued, in flight, or unacknowledged.
     held: usize,
@@ -140,7 +140,7 @@ impl Outbox {
         let first_unwritten = self
             .in_flight
             .iter()
-            .map(|(first, _)| *first)
+            .copied()
             .chain(self.queue.front().map(|p| p.seq))
             .min()
             .unwrap_or(self.next_seq + 1);
@@ -482,7 +482,7 @@ impl Shared {
             }
         }
         let first = batch.front()?.seq;
-        outbox.in_flight.push((first, batch.len()));
+        outbox.in_flight.push(first);
         Some(first)
     }
 
@@ -492,7 +492,7 @@ impl Shared {
     fn finish(&self, job: &mut WriteJob) -> bool {
         let mut outbox = self.lock();
         let buffers = &mut job.buffers;
-        outbox.in_flight.retain(|(first, _)| *first != job.first);
+        outbox.in_flight.retain(|first| *first != job.first);
         outbox.stats.written += buffers.batch.len() as u64;
         if self.settings.ack.is_some() {
             // Kept until acknowledged; a second write of one is a re-send.
@@ -537,7 +537,7 @@ impl Shared {
         let first = job.first;
         let (turn, batch) = job.into_parts();
         let mut outbox = self.lock();
-        outbox.in_flight.retain(|(f, _)| *f != first);
+        outbox.in_flight.retain(|f| *f != first);
         outbox.requeue(batch);
         drop(outbox);
         // Released only now: no other writer takes the queue before the batch is back.
