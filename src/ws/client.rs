@@ -1002,6 +1002,8 @@ impl Shared {
             last = Some(seq);
         }
         let closed = self.closed.load(Ordering::Acquire);
+        // The slots reserved and not used; the messages handed over hold the used ones now.
+        let unused = buffered.reserved - n;
         outbox.reserved -= buffered.reserved;
         buffered.reserved = if closed {
             0
@@ -1013,8 +1015,10 @@ impl Shared {
         if was_empty {
             self.wake_writer.notify_one();
         }
-        // Room given back, if the reservation shrank.
-        self.space.notify();
+        if buffered.reserved < unused {
+            // Room given back.
+            self.space.notify();
+        }
         if closed {
             return Err(SendError::Closed);
         }
