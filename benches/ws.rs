@@ -124,11 +124,13 @@ impl Server {
         Server { addr, counters }
     }
 
-    /// The counter of the next connection accepted.
-    fn next_counter(&self) -> Arc<AtomicU64> {
-        self.counters
+    /// The count of the next connection accepted, nothing sent yet.
+    fn next_counted(&self) -> Counted {
+        let count = self
+            .counters
             .recv_timeout(WAIT)
-            .expect("the server accepted the connection")
+            .expect("the server accepted the connection");
+        Counted { count, sent: 0 }
     }
 }
 
@@ -197,8 +199,7 @@ fn raw_tcp(rt: &Runtime, server: &Server) -> (WebSocketStream<TcpStream>, Counte
         .await
         .expect("raw connection within the bound")
     });
-    let count = server.next_counter();
-    (ws, Counted { count, sent: 0 })
+    (ws, server.next_counted())
 }
 
 /// A [`WsClient`] without heartbeat, connected; its driver is spawned on `rt`. Nothing sends it
@@ -353,10 +354,7 @@ fn ws(c: &mut Criterion) {
     let (mut raw, mut raw_count) = raw_tcp(&rt, &server);
     let builder = WsClient::builder(format!("ws://{}/client", server.addr)).expect("a good URL");
     let (client, _incoming) = connected(&rt, builder);
-    let mut client_count = Counted {
-        count: server.next_counter(),
-        sent: 0,
-    };
+    let mut client_count = server.next_counted();
 
     modes(c, &rt, "", &mut raw, &client, |who, n| match who {
         Who::Raw => raw_count.check(n, "raw"),
