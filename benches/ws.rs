@@ -50,7 +50,20 @@
 //! the scheduler's and the server's timing; after each sample the stream must have taken
 //! exactly the bytes of the frames sent.
 //!
-//! Target: `ws_client` at least 0.9x `raw` in both loopback modes.
+//! Those groups time raw for seconds, then the client for seconds: whatever drifts in the
+//! machine between the two windows lands in their ratio, and on loopback two identical raw
+//! connections measured that way land up to about 10% apart. The `relative` groups measure the
+//! ratio itself, with a criterion measurement of the bench's own ([`Relative`]): each iteration
+//! is a pair, raw then the other side (or the other side then raw, in turn) sending the same
+//! unit of messages back to back, and criterion reports the geometric mean of the other side's
+//! time over raw's ("x raw"; the throughput ratio is its inverse). The functions:
+//! `relative/{loopback,memory}/awaited/ws_client` ([`PAIR_SENDS`] sends per side per pair),
+//! `relative/{loopback,memory}/pipelined/{ws_client,ws_sink}` ([`PAIR_BATCHES`] batches), and
+//! `relative/loopback/pipelined/raw_again`, a second raw connection against the first: the noise
+//! floor of the pairing, which lands within 1% of 1.
+//!
+//! Target: `ws_client` at least 0.9x `raw` in both loopback modes, that is at most 1.11 x raw
+//! in `relative/loopback/*/ws_client`.
 //!
 //! Run with `cargo bench --bench ws`. The bench profile builds each crate as one codegen unit
 //! (`Cargo.toml`); `BENCHMARKS.md` says why, and how to measure the default profile.
@@ -62,7 +75,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::{Measurement, ValueFormatter};
+use criterion::{
+    BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
 use futures_util::{Sink, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -229,6 +245,36 @@ fn timed(rt: &Runtime, run: impl Future<Output = ()>) -> Duration {
     })
 }
 
+/// `n` messages sent on `sink` one by one, each awaited (one flush per message).
+async fn send_each<S>(sink: &mut S, message: &Message, n: u64)
+where
+    S: Sink<Message> + Unpin,
+    S::Error: std::fmt::Debug,
+{
+    for _ in 0..n {
+        sink.send(message.clone()).await.expect("raw send");
+    }
+}
+
+/// `n` messages sent through the client one by one, each awaited.
+async fn client_send_each(client: &WsClient, message: &Message, n: u64) {
+    for _ in 0..n {
+        let seq = client.send(message.clone()).await.expect("send");
+        black_box(seq);
+    }
+}
+
+/// `iters` batches of [`BATCH`] messages fed into the client one by one, each batch flushed once.
+async fn client_feed_batches(client: &WsClient, message: &Message, iters: u64) {
+    for _ in 0..iters {
+        for _ in 0..BATCH {
+            let seq = client.feed(message.clone()).expect("feed");
+            black_box(seq);
+        }
+        client.flush().await.expect("flush");
+    }
+}
+
 /// `iters` batches of [`BATCH`] messages fed into `sink` one by one, each batch flushed once.
 async fn feed_batches<S>(sink: &mut S, message: &Message, iters: u64)
 where
@@ -269,23 +315,14 @@ fn modes<R>(
     group.throughput(Throughput::Elements(1));
     group.bench_function("raw", |b| {
         b.iter_custom(|iters| {
-            let elapsed = timed(rt, async {
-                for _ in 0..iters {
-                    raw.send(message.clone()).await.expect("raw send");
-                }
-            });
+            let elapsed = timed(rt, send_each(raw, &message, iters));
             check(Who::Raw, iters);
             elapsed
         })
     });
     group.bench_function("ws_client", |b| {
         b.iter_custom(|iters| {
-            let elapsed = timed(rt, async {
-                for _ in 0..iters {
-                    let seq = client.send(message.clone()).await.expect("send");
-                    black_box(seq);
-                }
-            });
+            let elapsed = timed(rt, client_send_each(client, &message, iters));
             check(Who::Client, iters);
             elapsed
         })
@@ -303,15 +340,7 @@ fn modes<R>(
     });
     group.bench_function("ws_client", |b| {
         b.iter_custom(|iters| {
-            let elapsed = timed(rt, async {
-                for _ in 0..iters {
-                    for _ in 0..BATCH {
-                        let seq = client.feed(message.clone()).expect("feed");
-                        black_box(seq);
-                    }
-                    client.flush().await.expect("flush");
-                }
-            });
+            let elapsed = timed(rt, client_feed_batches(client, &message, iters));
             check(Who::Client, iters * BATCH);
             elapsed
         })
@@ -489,36 +518,276 @@ fn took(written: &AtomicU64, sent: u64, side: &str) {
     );
 }
 
-fn memory(c: &mut Criterion) {
-    let rt = runtime();
-    let (raw_written, client_written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut raw = rt.block_on(async {
-        let io = Box::new(Memory::new(Arc::clone(&raw_written))) as BoxIo;
+/// What the memory setting's two streams took, against what each side sent.
+struct Taken {
+    raw: Arc<AtomicU64>,
+    client: Arc<AtomicU64>,
+    raw_sent: u64,
+    client_sent: u64,
+}
+
+impl Taken {
+    /// Records `n` more messages sent by `who` and checks its stream took exactly their frames.
+    fn check(&mut self, who: Who, n: u64) {
+        match who {
+            Who::Raw => {
+                self.raw_sent += n;
+                took(&self.raw, self.raw_sent, "memory raw");
+            }
+            Who::Client => {
+                self.client_sent += n;
+                took(&self.client, self.client_sent, "memory ws_client");
+            }
+        }
+    }
+}
+
+/// The memory setting: raw over a [`Memory`] stream, and a client connected to another.
+fn memory_sides(rt: &Runtime) -> (WebSocketStream<BoxIo>, WsClient, Incoming, Taken) {
+    let taken = Taken {
+        raw: Arc::new(AtomicU64::new(0)),
+        client: Arc::new(AtomicU64::new(0)),
+        raw_sent: 0,
+        client_sent: 0,
+    };
+    let raw = rt.block_on(async {
+        let io = Box::new(Memory::new(Arc::clone(&taken.raw))) as BoxIo;
         let (ws, _) = tokio_tungstenite::client_async("ws://memory/raw", io)
             .await
             .expect("upgrade");
         ws
     });
-    let dial = MemoryDial(Arc::clone(&client_written));
+    let dial = MemoryDial(Arc::clone(&taken.client));
     let builder = WsClient::builder("ws://memory/client")
         .expect("a good URL")
         .connector(WsConnector::new().with_dial(dial));
-    let (client, _incoming) = connected(&rt, builder);
+    let (client, incoming) = connected(rt, builder);
+    (raw, client, incoming, taken)
+}
 
-    let (mut raw_sent, mut client_sent) = (0, 0);
-    modes(c, &rt, "memory/", &mut raw, &client, |who, n| match who {
-        Who::Raw => {
-            raw_sent += n;
-            took(&raw_written, raw_sent, "memory raw");
-        }
-        Who::Client => {
-            client_sent += n;
-            took(&client_written, client_sent, "memory ws_client");
-        }
+fn memory(c: &mut Criterion) {
+    let rt = runtime();
+    let (mut raw, client, _incoming, mut taken) = memory_sides(&rt);
+    modes(c, &rt, "memory/", &mut raw, &client, |who, n| {
+        taken.check(who, n)
     });
     let ledger = client.handle().ledger();
     assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
 }
 
+/// Batches of [`BATCH`] messages each side sends per pair in the `relative` pipelined
+/// functions (about 0.4 ms on loopback).
+const PAIR_BATCHES: u64 = 5;
+
+/// Awaited sends each side makes per pair in the `relative` awaited functions (about 2.5 ms on
+/// loopback).
+const PAIR_SENDS: u64 = 500;
+
+/// A criterion [`Measurement`] of one side's time relative to raw's, measured back to back.
+///
+/// An iteration is one pair: raw sends a unit of messages and the other side sends the same
+/// unit, each timed and each followed by the server catching up, the order swapped from one
+/// pair to the next (see [`pairs`]). Drift in the machine (the host's other tenants, the clock,
+/// the server's thread) moves both halves of a pair alike, where it moves the `awaited` and
+/// `pipelined` groups, which time raw for seconds and then the client for seconds, apart.
+///
+/// The value of a pair is the logarithm of the other side's time over raw's, so that criterion
+/// averages logarithms and [`TimesRaw`] shows the geometric mean of the ratios: a pair slowed
+/// down on raw's side counts as much as one slowed down on the other side, where a plain mean
+/// of ratios would lean towards the slow side. Above 1 the other side is slower.
+///
+/// Only [`Bencher::iter_custom`](criterion::Bencher::iter_custom) can take it: `start` and `end`
+/// have nothing to time.
+struct Relative;
+
+impl Measurement for Relative {
+    type Intermediate = ();
+    type Value = f64;
+
+    fn start(&self) {
+        panic!("`Relative` is measured only through `iter_custom`");
+    }
+
+    fn end(&self, (): ()) -> f64 {
+        panic!("`Relative` is measured only through `iter_custom`");
+    }
+
+    fn add(&self, a: &f64, b: &f64) -> f64 {
+        a + b
+    }
+
+    fn zero(&self) -> f64 {
+        0.0
+    }
+
+    fn to_f64(&self, value: &f64) -> f64 {
+        *value
+    }
+
+    fn formatter(&self) -> &dyn ValueFormatter {
+        &TimesRaw
+    }
+}
+
+/// Shows a [`Relative`] value, a mean logarithm, as the ratio it stands for.
+struct TimesRaw;
+
+impl ValueFormatter for TimesRaw {
+    fn scale_values(&self, _typical: f64, values: &mut [f64]) -> &'static str {
+        values.iter_mut().for_each(|v| *v = v.exp());
+        "x raw"
+    }
+
+    fn scale_throughputs(&self, _typical: f64, _: &Throughput, values: &mut [f64]) -> &'static str {
+        // The relative groups set no throughput: a ratio of times has none.
+        self.scale_values(0.0, values)
+    }
+
+    fn scale_for_machines(&self, values: &mut [f64]) -> &'static str {
+        self.scale_values(0.0, values);
+        "ratio"
+    }
+}
+
+/// `iters` pairs for [`Relative`]: `run(Who::Raw)` and `run(Who::Client)`, raw first in even
+/// pairs and last in odd ones, each returning the time of its unit; the sum over the pairs of
+/// the logarithm of the client's time over raw's.
+fn pairs(iters: u64, mut run: impl FnMut(Who) -> Duration) -> f64 {
+    (0..iters)
+        .map(|i| {
+            let (raw, client) = if i % 2 == 0 {
+                let raw = run(Who::Raw);
+                (raw, run(Who::Client))
+            } else {
+                let client = run(Who::Client);
+                (run(Who::Raw), client)
+            };
+            (client.as_secs_f64() / raw.as_secs_f64()).ln()
+        })
+        .sum()
+}
+
+/// The paired functions of one setting, `{prefix}awaited/ws_client`,
+/// `{prefix}pipelined/ws_client` and `{prefix}pipelined/ws_sink`, in `group`; every unit is
+/// followed by `check(who, messages sent in it)`.
+fn relative_modes<R>(
+    group: &mut BenchmarkGroup<'_, Relative>,
+    rt: &Runtime,
+    prefix: &str,
+    raw: &mut R,
+    client: &WsClient,
+    mut check: impl FnMut(Who, u64),
+) where
+    R: Sink<Message> + Unpin,
+    R::Error: std::fmt::Debug,
+{
+    let message = Message::text(PAYLOAD);
+    group.bench_function(format!("{prefix}awaited/ws_client"), |b| {
+        b.iter_custom(|iters| {
+            pairs(iters, |who| {
+                let elapsed = match who {
+                    Who::Raw => timed(rt, send_each(raw, &message, PAIR_SENDS)),
+                    Who::Client => timed(rt, client_send_each(client, &message, PAIR_SENDS)),
+                };
+                check(who, PAIR_SENDS);
+                elapsed
+            })
+        })
+    });
+    group.bench_function(format!("{prefix}pipelined/ws_client"), |b| {
+        b.iter_custom(|iters| {
+            pairs(iters, |who| {
+                let elapsed = match who {
+                    Who::Raw => timed(rt, feed_batches(raw, &message, PAIR_BATCHES)),
+                    Who::Client => timed(rt, client_feed_batches(client, &message, PAIR_BATCHES)),
+                };
+                check(who, PAIR_BATCHES * BATCH);
+                elapsed
+            })
+        })
+    });
+    let mut sink = client.sink();
+    group.bench_function(format!("{prefix}pipelined/ws_sink"), |b| {
+        b.iter_custom(|iters| {
+            pairs(iters, |who| {
+                let elapsed = match who {
+                    Who::Raw => timed(rt, feed_batches(raw, &message, PAIR_BATCHES)),
+                    Who::Client => timed(rt, feed_batches(&mut sink, &message, PAIR_BATCHES)),
+                };
+                check(who, PAIR_BATCHES * BATCH);
+                elapsed
+            })
+        })
+    });
+}
+
+/// A `relative` group with few samples of equal size: a pair takes 1-5 ms.
+fn relative_group<'c>(c: &'c mut Criterion<Relative>) -> BenchmarkGroup<'c, Relative> {
+    let mut group = c.benchmark_group("relative");
+    group.sampling_mode(SamplingMode::Flat).sample_size(20);
+    group
+}
+
+/// The loopback setting, paired: the client against raw in both modes, and
+/// `pipelined/raw_again`, a second raw connection against the first (the noise floor of the
+/// pairing itself; its "client" is that second connection).
+fn relative_loopback(c: &mut Criterion<Relative>) {
+    let rt = runtime();
+    let server = Server::start();
+    let (mut raw, mut raw_count) = raw_tcp(&rt, &server);
+    let (mut raw_again, mut again_count) = raw_tcp(&rt, &server);
+    let builder = WsClient::builder(format!("ws://{}/client", server.addr)).expect("a good URL");
+    let (client, _incoming) = connected(&rt, builder);
+    let mut client_count = server.next_counted();
+    let message = Message::text(PAYLOAD);
+
+    let mut group = relative_group(c);
+    group.bench_function("loopback/pipelined/raw_again", |b| {
+        b.iter_custom(|iters| {
+            pairs(iters, |who| {
+                let (sink, counted, side) = match who {
+                    Who::Raw => (&mut raw, &mut raw_count, "raw"),
+                    Who::Client => (&mut raw_again, &mut again_count, "raw_again"),
+                };
+                let elapsed = timed(&rt, feed_batches(sink, &message, PAIR_BATCHES));
+                counted.check(PAIR_BATCHES * BATCH, side);
+                elapsed
+            })
+        })
+    });
+    relative_modes(
+        &mut group,
+        &rt,
+        "loopback/",
+        &mut raw,
+        &client,
+        |who, n| match who {
+            Who::Raw => raw_count.check(n, "raw"),
+            Who::Client => client_count.check(n, "ws_client"),
+        },
+    );
+    group.finish();
+    let ledger = client.handle().ledger();
+    assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+}
+
+/// The memory setting, paired.
+fn relative_memory(c: &mut Criterion<Relative>) {
+    let rt = runtime();
+    let (mut raw, client, _incoming, mut taken) = memory_sides(&rt);
+    let mut group = relative_group(c);
+    relative_modes(&mut group, &rt, "memory/", &mut raw, &client, |who, n| {
+        taken.check(who, n)
+    });
+    group.finish();
+    let ledger = client.handle().ledger();
+    assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+}
+
 criterion_group!(benches, ws, memory);
-criterion_main!(benches);
+criterion_group! {
+    name = relative;
+    config = Criterion::default().with_measurement(Relative);
+    targets = relative_loopback, relative_memory
+}
+criterion_main!(benches, relative);
