@@ -15,7 +15,8 @@ use tower::ServiceExt;
 use tower_epoch::State;
 use tower_epoch::backoff::Schedule;
 use tower_epoch::ws::{
-    CloseCode, Message, SendError, WhenFull, WsClient, WsClientBuilder, WsConnector, WsError,
+    CloseCode, Incoming, Message, SendError, WhenFull, WsClient, WsClientBuilder, WsConnector,
+    WsError,
 };
 use ws_support::*;
 
@@ -35,6 +36,27 @@ fn builder(url: String) -> WsClientBuilder<Schedule> {
 
 fn text(s: &str) -> Message {
     Message::text(s.to_string())
+}
+
+/// A client of `server` whose queue holds two messages and refuses more.
+fn two_slots_that_fail_when_full(server: &TestServer) -> (WsClient, Incoming) {
+    builder(server.url())
+        .queue_capacity(2)
+        .when_full(WhenFull::Fail)
+        .build()
+        .unwrap()
+}
+
+/// `result` is a full queue of capacity 2 giving `expected` back.
+#[track_caller]
+fn assert_full(result: Result<u64, SendError>, expected: Message) {
+    match result {
+        Err(SendError::Full {
+            message,
+            capacity: 2,
+        }) => assert_eq!(message, expected),
+        other => panic!("expected a full queue of 2, got {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -238,24 +260,11 @@ async fn incoming_messages_carry_the_epoch_of_their_connection() {
 async fn the_queue_is_bounded_and_fails_or_waits_as_chosen() {
     let server = TestServer::start(Behaviour::Echo { ack: false }).await;
     // Fail: the message comes back in the error.
-    let (client, _incoming) = builder(server.url())
-        .queue_capacity(2)
-        .when_full(WhenFull::Fail)
-        .build()
-        .unwrap();
+    let (client, _incoming) = two_slots_that_fail_when_full(&server);
     client.feed(text("a")).unwrap();
     client.feed(text("b")).unwrap();
-    match client.feed(text("c")) {
-        Err(SendError::Full {
-            message,
-            capacity: 2,
-        }) => assert_eq!(message, text("c")),
-        other => panic!("expected full, got {other:?}"),
-    }
-    match client.send(text("d")).await {
-        Err(SendError::Full { message, .. }) => assert_eq!(message, text("d")),
-        other => panic!("expected full, got {other:?}"),
-    }
+    assert_full(client.feed(text("c")), text("c"));
+    assert_full(client.send(text("d")).await, text("d"));
     assert!(matches!(
         client.feed(Message::Ping(Default::default())),
         Err(SendError::NotData(_))
@@ -345,11 +354,7 @@ async fn the_sink_waits_for_room_and_gives_back_what_it_cannot_take() {
     use futures_util::Sink;
 
     let server = TestServer::start(Behaviour::Echo { ack: false }).await;
-    let (client, _incoming) = builder(server.url())
-        .queue_capacity(2)
-        .when_full(WhenFull::Fail)
-        .build()
-        .unwrap();
+    let (client, _incoming) = two_slots_that_fail_when_full(&server);
     let mut sink = client.sink();
     let mut cx = Context::from_waker(Waker::noop());
     let mut ready = |sink: &mut tower_epoch::ws::WsSink| Pin::new(sink).poll_ready(&mut cx);
@@ -368,10 +373,8 @@ async fn the_sink_waits_for_room_and_gives_back_what_it_cannot_take() {
     }
     assert!(matches!(ready(&mut sink), Poll::Ready(Ok(()))));
     Pin::new(&mut sink).start_send(text("b")).unwrap();
-    match client.feed(text("x")) {
-        Err(SendError::Full { message, .. }) => assert_eq!(message, text("x")),
-        other => panic!("the sink holds the room, got {other:?}"),
-    }
+    // The sink holds the room.
+    assert_full(client.feed(text("x")), text("x"));
     // Out of room: a and b go to the queue, and the sink waits (it does not fail).
     assert!(ready(&mut sink).is_pending());
     assert_eq!(client.stats().held, 2);
