@@ -236,6 +236,19 @@ fn connected(rt: &Runtime, builder: WsClientBuilder) -> (WsClient, Incoming) {
     (client, incoming)
 }
 
+/// A [`WsClient`] connected to the loopback server, with the count of its connection.
+fn client_tcp(rt: &Runtime, server: &Server) -> (WsClient, Incoming, Counted) {
+    let builder = WsClient::builder(format!("ws://{}/client", server.addr)).expect("a good URL");
+    let (client, incoming) = connected(rt, builder);
+    (client, incoming, server.next_counted())
+}
+
+/// Checks that the client never left its first connection.
+fn on_first_connection(client: &WsClient) {
+    let ledger = client.handle().ledger();
+    assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+}
+
 /// The time `run` takes on `rt`, measured inside the runtime (not its start-up).
 fn timed(rt: &Runtime, run: impl Future<Output = ()>) -> Duration {
     rt.block_on(async {
@@ -381,9 +394,7 @@ fn ws(c: &mut Criterion) {
     let server = Server::start();
     floor(c, &rt, &server);
     let (mut raw, mut raw_count) = raw_tcp(&rt, &server);
-    let builder = WsClient::builder(format!("ws://{}/client", server.addr)).expect("a good URL");
-    let (client, _incoming) = connected(&rt, builder);
-    let mut client_count = server.next_counted();
+    let (client, _incoming, mut client_count) = client_tcp(&rt, &server);
 
     modes(c, &rt, "", &mut raw, &client, |who, n| match who {
         Who::Raw => raw_count.check(n, "raw"),
@@ -392,10 +403,9 @@ fn ws(c: &mut Criterion) {
 
     // Everything fed was written, and the client never left its first connection.
     let handle = client.handle();
-    let ledger = handle.ledger();
     let stats = client.stats();
     assert!(handle.state().is_connected(), "{:?}", handle.state());
-    assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+    on_first_connection(&client);
     assert_eq!(
         (stats.accepted, stats.written, stats.held),
         (client_count.sent, client_count.sent, 0),
@@ -571,8 +581,7 @@ fn memory(c: &mut Criterion) {
     modes(c, &rt, "memory/", &mut raw, &client, |who, n| {
         taken.check(who, n)
     });
-    let ledger = client.handle().ledger();
-    assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+    on_first_connection(&client);
 }
 
 /// Batches of [`BATCH`] messages each side sends per pair in the `relative` pipelined
@@ -736,9 +745,7 @@ fn relative_loopback(c: &mut Criterion<Relative>) {
     let server = Server::start();
     let (mut raw, mut raw_count) = raw_tcp(&rt, &server);
     let (mut raw_again, mut again_count) = raw_tcp(&rt, &server);
-    let builder = WsClient::builder(format!("ws://{}/client", server.addr)).expect("a good URL");
-    let (client, _incoming) = connected(&rt, builder);
-    let mut client_count = server.next_counted();
+    let (client, _incoming, mut client_count) = client_tcp(&rt, &server);
     let message = Message::text(PAYLOAD);
 
     let mut group = relative_group(c);
@@ -767,8 +774,7 @@ fn relative_loopback(c: &mut Criterion<Relative>) {
         },
     );
     group.finish();
-    let ledger = client.handle().ledger();
-    assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+    on_first_connection(&client);
 }
 
 /// The memory setting, paired.
@@ -780,8 +786,7 @@ fn relative_memory(c: &mut Criterion<Relative>) {
         taken.check(who, n)
     });
     group.finish();
-    let ledger = client.handle().ledger();
-    assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+    on_first_connection(&client);
 }
 
 criterion_group!(benches, ws, memory);
