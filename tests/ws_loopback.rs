@@ -293,10 +293,10 @@ async fn the_queue_is_bounded_and_fails_or_waits_as_chosen() {
     assert_eq!(server.texts(), vec!["a", "b", "c"]);
 }
 
-/// The client's `Sink` keeps what it is given until it hands it over (flushed, out of reserved
-/// room, or dropped), and then everything goes out in order, whatever the size of the run.
+/// The client's `Sink` accepts each message into the queue at once, in order, and its flush
+/// waits until everything it was given is written, whatever the size of the run.
 #[tokio::test]
-async fn the_sink_hands_over_in_order_when_flushed_out_of_room_or_dropped() {
+async fn the_sink_accepts_in_order_and_its_flush_waits_for_the_writes() {
     let server = TestServer::start(Behaviour::Echo { ack: false }).await;
     let (client, _incoming) = builder(server.url()).build().unwrap();
     client.handle().connect().unwrap();
@@ -305,21 +305,14 @@ async fn the_sink_hands_over_in_order_when_flushed_out_of_room_or_dropped() {
     let mut sink = client.sink();
     sink.feed(text("a")).await.unwrap();
     sink.feed(text("b")).await.unwrap();
-    assert_eq!(
-        client.stats().accepted,
-        0,
-        "kept in the sink until handed over"
-    );
+    assert_eq!(client.stats().accepted, 2, "accepted by `start_send`");
     timeout(Duration::from_secs(2), sink.flush())
         .await
         .expect("flushed while connected")
         .unwrap();
-    assert_eq!(client.stats().accepted, 2);
-    server
-        .wait_for("a and b", |e| e.contains(&Event::Text(1, "b".into())))
-        .await;
+    assert_eq!(client.stats().written, 2);
 
-    // More than the sink reserves at a time: handed over run by run, all in order.
+    // A long run: more than a batch, all in order.
     let many: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
     let mut messages = futures_util::stream::iter(many.iter().map(|m| Ok(text(m))));
     timeout(Duration::from_secs(5), sink.send_all(&mut messages))
@@ -327,9 +320,13 @@ async fn the_sink_hands_over_in_order_when_flushed_out_of_room_or_dropped() {
         .expect("sent within the bound")
         .unwrap();
     assert_eq!(client.stats().accepted, 302);
-    assert_eq!(client.stats().written, 302, "written by the flush");
+    assert_eq!(
+        client.stats().written,
+        302,
+        "written when the flush resolves"
+    );
 
-    // Dropped unflushed: handed over, and written in the background.
+    // Dropped unflushed: written in the background all the same.
     sink.feed(text("last")).await.unwrap();
     drop(sink);
     server
@@ -344,8 +341,8 @@ async fn the_sink_hands_over_in_order_when_flushed_out_of_room_or_dropped() {
     assert_eq!(client.stats().held, 0);
 }
 
-/// The sink waits for room whatever `WhenFull` says, holds its reserved room against `feed`,
-/// gives back a message it has no room for or cannot send, and loses nothing.
+/// The sink waits for room whatever `WhenFull` says, takes one slot at a time, gives back a
+/// message it has no room for or cannot send, and loses nothing.
 #[tokio::test]
 async fn the_sink_waits_for_room_and_gives_back_what_it_cannot_take() {
     use std::pin::Pin;
@@ -364,18 +361,19 @@ async fn the_sink_waits_for_room_and_gives_back_what_it_cannot_take() {
         Err(SendError::NotReady(message)) => assert_eq!(message, text("early")),
         other => panic!("expected not ready, got {other:?}"),
     }
-    // Disconnected, capacity 2: the sink reserves both slots.
+    // A control frame comes back, and its room with it.
     assert!(matches!(ready(&mut sink), Poll::Ready(Ok(()))));
-    Pin::new(&mut sink).start_send(text("a")).unwrap();
     match Pin::new(&mut sink).start_send(Message::Ping(Default::default())) {
         Err(SendError::NotData(Message::Ping(_))) => {}
         other => panic!("expected not data, got {other:?}"),
     }
+    // Disconnected, capacity 2: a, then the sink holds the last slot.
     assert!(matches!(ready(&mut sink), Poll::Ready(Ok(()))));
-    Pin::new(&mut sink).start_send(text("b")).unwrap();
-    // The sink holds the room.
+    Pin::new(&mut sink).start_send(text("a")).unwrap();
+    assert!(matches!(ready(&mut sink), Poll::Ready(Ok(()))));
     assert_full(client.feed(text("x")), text("x"));
-    // Out of room: a and b go to the queue, and the sink waits (it does not fail).
+    Pin::new(&mut sink).start_send(text("b")).unwrap();
+    // Out of room: the sink waits (it does not fail).
     assert!(ready(&mut sink).is_pending());
     assert_eq!(client.stats().held, 2);
 
@@ -393,28 +391,77 @@ async fn the_sink_waits_for_room_and_gives_back_what_it_cannot_take() {
     assert_eq!(client.stats().accepted, 3);
 }
 
-/// Once the client has shut down (its last handle dropped), a sink fails with `Closed` rather
-/// than waiting for room or a connection that will never come.
-#[tokio::test]
-async fn the_sink_fails_once_the_client_has_shut_down() {
-    let server = TestServer::start(Behaviour::Echo { ack: false }).await;
-    let (client, _incoming) = builder(server.url()).build().unwrap();
-    let mut sink = client.sink();
-    sink.feed(text("kept")).await.unwrap();
-    drop(client);
-    let result = timeout(Duration::from_secs(2), async {
-        loop {
-            // Accepted until the driver has seen the last handle go; then `Closed`.
-            if let Err(error) = sink.feed(text("more")).await {
-                return error;
-            }
-            tokio::task::yield_now().await;
+/// A client whose driver stopped (its runtime shut down) ends `Incoming` and gives every
+/// message back: to the send that waits for it, in the error of whatever offers one, and the
+/// rest through `take_unsent`.
+#[test]
+fn a_client_whose_driver_stopped_ends_incoming_and_gives_every_message_back() {
+    use std::pin::Pin;
+    use std::task::{Context, Waker};
+
+    use futures_util::Sink;
+
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (client, mut incoming, awaited, mut sink) = first.block_on(async {
+        let (client, incoming) = builder("ws://127.0.0.1:9/socket".into()).build().unwrap();
+        client.feed(text("fed")).unwrap();
+        let awaited = client.send(text("awaited"));
+        let mut sink = client.sink();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut sink).poll_ready(&mut cx).is_ready());
+        (client, incoming, awaited, sink)
+    });
+    // The driver's task goes with its runtime.
+    drop(first);
+
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        match timeout(Duration::from_secs(2), awaited).await.unwrap() {
+            Err(SendError::Closed {
+                message: Some(message),
+            }) => assert_eq!(message, text("awaited")),
+            other => panic!("expected the awaited message back, got {other:?}"),
         }
-    })
-    .await
-    .expect("the driver stops within the bound");
-    assert!(matches!(result, SendError::Closed), "{result:?}");
-    assert!(matches!(sink.flush().await, Err(SendError::Closed)));
+        match Pin::new(&mut sink).start_send(text("sunk")) {
+            Err(SendError::Closed {
+                message: Some(message),
+            }) => assert_eq!(message, text("sunk")),
+            other => panic!("expected the sink's message back, got {other:?}"),
+        }
+        match client.feed(text("late")) {
+            Err(SendError::Closed {
+                message: Some(message),
+            }) => assert_eq!(message, text("late")),
+            other => panic!("expected the late message back, got {other:?}"),
+        }
+        assert!(matches!(
+            timeout(Duration::from_secs(2), client.flush())
+                .await
+                .unwrap(),
+            Err(SendError::Closed { message: None })
+        ));
+        assert!(matches!(
+            timeout(Duration::from_secs(2), client.reserve())
+                .await
+                .unwrap(),
+            Err(SendError::Closed { message: None })
+        ));
+        assert!(
+            timeout(Duration::from_secs(2), incoming.next())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let unsent: Vec<Message> = client.take_unsent().into_iter().map(|(_, m)| m).collect();
+        assert_eq!(unsent, [text("fed")]);
+        assert_eq!(client.stats().held, 0);
+    });
 }
 
 // ---- faults of a misbehaving server ------------------------------------------------------
@@ -665,7 +712,7 @@ async fn at_least_once_resends_unacknowledged_messages_in_order_after_a_reconnec
             .feed_with(|seq| Message::text(format!("{seq}:x")))
             .unwrap();
     }
-    client.flush().await.unwrap();
+    // At-least-once: a flush waits for acknowledgements, and 9 and 10 get none here.
     server
         .wait_for("ten messages", |e| {
             e.iter().filter(|e| matches!(e, Event::Text(..))).count() == 10
@@ -718,7 +765,7 @@ async fn at_least_once_across_suspend_and_resume_inside_the_close_loses_nothing(
                 .feed_with(|seq| Message::text(format!("{seq}:x")))
                 .unwrap();
         }
-        client.flush().await.unwrap();
+        wait_written(&client, sent).await;
         let token = handle.suspend().unwrap();
         tokio::time::sleep((10 + 20 * round) * MS).await;
         handle.resume(token).unwrap();
@@ -784,13 +831,13 @@ async fn nothing_accepted_after_a_release_goes_to_the_released_connection() {
     assert!(echoes.contains(&(resumed, text("after"))), "{echoes:?}");
 }
 
-/// Writers on several threads at once, some awaiting each send, some feeding and flushing, one
-/// through the client's `Sink`, while a heartbeat every 2 ms competes for the connection's
-/// writer turn: every message arrives once and each writer's in order, all on the first
-/// connection, and the pings are not starved (no heartbeat failure). The messages are 256 KiB and tungstenite writes each
-/// out at once (no write buffer), so that writes fill the socket and stop halfway through a
-/// batch: two writers at once would interleave their batches, or one would never be woken
-/// (tokio-tungstenite keeps one write waker), and the writers would not finish in time.
+/// Senders on several threads at once, some awaiting each send, some feeding and flushing, one
+/// through the client's `Sink`, while a heartbeat every 2 ms goes out between their messages:
+/// every message arrives once and each sender's in order, all on the first connection, and the
+/// pings are not starved (no heartbeat failure). The messages are 256 KiB and tungstenite
+/// writes each out at once (no write buffer), so that writes fill the socket and stop halfway
+/// through a batch: the connection's one writer must pick up where it stopped, or the senders
+/// would not finish in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_and_heartbeats_share_the_connection_in_order() {
     const WRITERS: usize = 5;

@@ -1,33 +1,39 @@
-//! Property test of the outbound queue's room and order, with `feed` and several `WsSink`s
-//! interleaved at random on a client that never connects (no socket is opened).
+//! Property test of the outbound queue's room and order, with `feed`, `send`, permits and
+//! several `WsSink`s interleaved at random on a client that never connects (no socket is
+//! opened).
 //!
-//! The reference model counts what the client holds and what each sink has buffered and
-//! reserved. After every step the client must agree with it: `stats().held`, whether `feed`
-//! is refused for want of room, whether a sink is ready, and whether `start_send` takes the
-//! message. At the end every sink is dropped and `take_unsent` must give back every message
-//! that was not refused, once each, and each sender's in the order it was given.
+//! The reference model counts what the client holds and the room each sink and permit holds
+//! (a ready sink holds one slot, a permit one). Room is fair: a sink that waits for room gets
+//! the next slot freed, before `feed` or another sink can take it. After every step the client must agree with
+//! it: `stats().held`, whether `feed` and `send` are refused for want of room, whether a sink
+//! is ready, whether `start_send` takes the message, and whether a flush waits. At the end
+//! `take_unsent` must give back every message that was not refused, once each, and each
+//! sender's in the order it was given.
 //!
 //! CI runs 2,000 cases from a fixed seed. More: `TOWER_EPOCH_QUEUE_CASES=100000 cargo test
 //! --release --test ws_queue_model`; another seed: `TOWER_EPOCH_QUEUE_SEED=7`.
 
 use std::collections::HashMap;
-use std::pin::Pin;
+use std::future::Future;
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll, Waker};
 
 use futures_util::Sink;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, RngSeed};
-use tower_epoch::ws::{Message, SendError, WhenFull, WsClient, WsSink};
+use tower_epoch::ws::{Message, Permit, SendError, WhenFull, WsClient, WsSink};
 
-/// What a sink reserves at most at a time (`WsSink`'s documented 128).
-const CHUNK: usize = 128;
 const SINKS: usize = 3;
 
 #[derive(Clone, Debug)]
 enum Op {
     Feed,
+    Send,
+    Reserve,
+    SendWithPermit,
+    DropPermit,
     Ready(usize),
-    Send(usize),
+    StartSend(usize),
     Flush(usize),
     Drop(usize),
     TakeUnsent,
@@ -36,8 +42,12 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => Just(Op::Feed),
+        2 => Just(Op::Send),
+        1 => Just(Op::Reserve),
+        1 => Just(Op::SendWithPermit),
+        1 => Just(Op::DropPermit),
         3 => (0..SINKS).prop_map(Op::Ready),
-        4 => (0..SINKS).prop_map(Op::Send),
+        4 => (0..SINKS).prop_map(Op::StartSend),
         1 => (0..SINKS).prop_map(Op::Flush),
         1 => (0..SINKS).prop_map(Op::Drop),
         1 => Just(Op::TakeUnsent),
@@ -47,35 +57,49 @@ fn op() -> impl Strategy<Value = Op> {
 /// A sink as the model sees it.
 #[derive(Default)]
 struct ModelSink {
-    /// Messages taken and not handed over.
-    buffered: usize,
-    reserved: usize,
-    /// Handed over at least one message (a flush then waits for a connection).
-    handed_over: bool,
-    flushing: bool,
+    /// Holds a slot: taken by `poll_ready`, or given while it waited in line.
+    slot: bool,
+    /// `poll_ready` said so since the last `start_send`.
+    ready: bool,
+    /// Waits in line for a slot.
+    waiting: bool,
+    /// The sequence number of the last message it accepted.
+    last: u64,
+    /// A flush in progress waits for this.
+    flushing: Option<u64>,
 }
 
 struct Model {
     capacity: usize,
     held: usize,
+    permits: usize,
+    /// Messages accepted so far (the last sequence number).
+    accepted: u64,
+    /// Everything up to here has been taken back.
+    settled: u64,
     sinks: [ModelSink; SINKS],
 }
 
 impl Model {
     fn room(&self) -> usize {
-        let reserved: usize = self.sinks.iter().map(|s| s.reserved).sum();
-        self.capacity - self.held - reserved
+        let ready = self.sinks.iter().filter(|s| s.slot).count();
+        self.capacity - self.held - ready - self.permits
     }
 
-    /// The sink hands over what it buffered and reserves up to `want`.
-    fn hand_over(&mut self, i: usize, want: usize) {
-        let sink = &mut self.sinks[i];
-        self.held += sink.buffered;
-        sink.handed_over |= sink.buffered > 0;
-        sink.buffered = 0;
-        sink.reserved = 0;
-        let reserve = want.min(self.room());
-        self.sinks[i].reserved = reserve;
+    /// `n` slots come free: the sinks waiting in line get them first, in order.
+    fn free(&mut self, mut n: usize, line: &mut std::collections::VecDeque<usize>) {
+        while n > 0 {
+            let Some(i) = line.pop_front() else { return };
+            self.sinks[i].waiting = false;
+            self.sinks[i].slot = true;
+            n -= 1;
+        }
+    }
+
+    fn accept(&mut self) -> u64 {
+        self.held += 1;
+        self.accepted += 1;
+        self.accepted
     }
 }
 
@@ -108,9 +132,15 @@ fn run(capacity: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut model = Model {
         capacity,
         held: 0,
+        permits: 0,
+        accepted: 0,
+        settled: 0,
         sinks: Default::default(),
     };
     let mut sinks: Vec<WsSink> = (0..SINKS).map(|_| client.sink()).collect();
+    let mut permits: Vec<Permit> = Vec::new();
+    // The sinks waiting for room, in the order they began to wait.
+    let mut line = std::collections::VecDeque::new();
     let mut generation = [0usize; SINKS];
     let mut given = Given::new();
     let mut taken: Vec<String> = Vec::new();
@@ -122,76 +152,138 @@ fn run(capacity: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
 
     for op in ops {
         match op {
-            Op::Feed => {
-                let text = message("feed");
+            Op::Feed | Op::Send => {
+                let sender = if matches!(op, Op::Feed) {
+                    "feed"
+                } else {
+                    "send"
+                };
+                let text = message(sender);
                 let fits = model.room() > 0;
-                match client.feed(Message::text(text.clone())) {
-                    Ok(_) => {
-                        prop_assert!(fits, "feed accepted with no room");
-                        model.held += 1;
-                        given.entry("feed".into()).or_default().push(text);
+                let result = if matches!(op, Op::Feed) {
+                    client.feed(Message::text(text.clone()))
+                } else {
+                    // Refused at once, or accepted (and pending: nothing is ever written).
+                    let mut sending = pin!(client.send(Message::text(text.clone())));
+                    match sending.as_mut().poll(&mut cx) {
+                        Poll::Pending => Ok(sending.seq().expect("accepted")),
+                        Poll::Ready(result) => result,
+                    }
+                };
+                match result {
+                    Ok(seq) => {
+                        prop_assert!(fits, "{sender} accepted with no room");
+                        prop_assert_eq!(seq, model.accept());
+                        given.entry(sender.into()).or_default().push(text);
                     }
                     Err(SendError::Full { message, .. }) => {
-                        prop_assert!(!fits, "feed refused with room");
+                        prop_assert!(!fits, "{sender} refused with room");
                         prop_assert_eq!(message, Message::text(text));
                     }
-                    Err(other) => prop_assert!(false, "feed: {other:?}"),
+                    Err(other) => prop_assert!(false, "{sender}: {other:?}"),
+                }
+            }
+            Op::Reserve => {
+                let fits = model.room() > 0;
+                let mut reserving = pin!(client.reserve());
+                match reserving.as_mut().poll(&mut cx) {
+                    Poll::Ready(Ok(permit)) => {
+                        prop_assert!(fits, "a permit with no room");
+                        permits.push(permit);
+                        model.permits += 1;
+                    }
+                    Poll::Pending => prop_assert!(!fits, "no permit with room"),
+                    Poll::Ready(Err(error)) => prop_assert!(false, "reserve: {error:?}"),
+                }
+                // Dropped while it waits: nothing is lost, nothing is held.
+            }
+            Op::SendWithPermit => {
+                if let Some(permit) = permits.pop() {
+                    model.permits -= 1;
+                    let text = message("permit");
+                    let mut sending = pin!(permit.send(Message::text(text.clone())));
+                    prop_assert!(sending.as_mut().poll(&mut cx).is_pending());
+                    prop_assert_eq!(sending.seq(), Some(model.accept()));
+                    given.entry("permit".into()).or_default().push(text);
+                }
+            }
+            Op::DropPermit => {
+                if permits.pop().is_some() {
+                    model.permits -= 1;
+                    model.free(1, &mut line);
                 }
             }
             Op::Ready(i) => {
                 let sink = &model.sinks[i];
-                if sink.buffered == sink.reserved {
-                    model.hand_over(i, CHUNK);
-                }
-                let expect_ready = model.sinks[i].buffered < model.sinks[i].reserved;
+                let expect_ready = sink.slot || (!sink.waiting && model.room() > 0);
                 match Pin::new(&mut sinks[i]).poll_ready(&mut cx) {
-                    Poll::Ready(Ok(())) => prop_assert!(expect_ready, "sink {i} ready, no room"),
-                    Poll::Pending => prop_assert!(!expect_ready, "sink {i} pending with room"),
+                    Poll::Ready(Ok(())) => {
+                        prop_assert!(expect_ready, "sink {i} ready, no room");
+                        model.sinks[i].slot = true;
+                        model.sinks[i].ready = true;
+                    }
+                    Poll::Pending => {
+                        prop_assert!(!expect_ready, "sink {i} pending with room");
+                        if !model.sinks[i].waiting {
+                            model.sinks[i].waiting = true;
+                            line.push_back(i);
+                        }
+                    }
                     Poll::Ready(Err(error)) => prop_assert!(false, "poll_ready: {error:?}"),
                 }
             }
-            Op::Send(i) => {
+            Op::StartSend(i) => {
                 let sender = format!("sink{i}.{}", generation[i]);
                 let text = message(&sender);
-                let slot = model.sinks[i].buffered < model.sinks[i].reserved;
                 match Pin::new(&mut sinks[i]).start_send(Message::text(text.clone())) {
                     Ok(()) => {
-                        prop_assert!(slot, "sink {i} took a message with no slot");
-                        model.sinks[i].buffered += 1;
+                        prop_assert!(model.sinks[i].ready, "sink {i} took a message unready");
+                        model.sinks[i].ready = false;
+                        model.sinks[i].slot = false;
+                        model.sinks[i].last = model.accept();
                         given.entry(sender).or_default().push(text);
                     }
                     Err(SendError::NotReady(message)) => {
-                        prop_assert!(!slot, "sink {i} refused a message with a slot");
+                        prop_assert!(!model.sinks[i].ready, "sink {i} refused when ready");
                         prop_assert_eq!(message, Message::text(text));
                     }
                     Err(other) => prop_assert!(false, "start_send: {other:?}"),
                 }
             }
             Op::Flush(i) => {
-                if !model.sinks[i].flushing {
-                    model.hand_over(i, 0);
-                    // Disconnected: a flush of anything handed over waits for a connection.
-                    model.sinks[i].flushing = model.sinks[i].handed_over;
-                }
+                let target = *model.sinks[i].flushing.get_or_insert(model.sinks[i].last);
+                // Never connected: a flush waits until what it covers is taken back.
+                let expect_pending = target > model.settled;
                 let pending = Pin::new(&mut sinks[i]).poll_flush(&mut cx).is_pending();
-                prop_assert_eq!(pending, model.sinks[i].flushing, "sink {} flush", i);
+                prop_assert_eq!(pending, expect_pending, "sink {} flush", i);
+                if !pending {
+                    model.sinks[i].flushing = None;
+                }
             }
             Op::Drop(i) => {
-                model.hand_over(i, 0);
+                line.retain(|w| *w != i);
+                let held_a_slot = model.sinks[i].slot;
                 model.sinks[i] = ModelSink::default();
-                sinks[i] = client.sink(); // the old one is dropped here
+                if held_a_slot {
+                    model.free(1, &mut line);
+                }
+                sinks[i] = client.sink(); // the old one is dropped here, with its slot
                 generation[i] += 1;
             }
             Op::TakeUnsent => {
                 taken.extend(unsent(&client));
+                let freed = model.held;
                 model.held = 0;
+                model.free(freed, &mut line);
+                model.settled = model.accepted;
             }
         }
         prop_assert_eq!(client.stats().held as usize, model.held);
-        prop_assert!(model.held <= capacity);
+        prop_assert!(model.held + model.permits <= capacity);
     }
 
-    drop(sinks); // hands over what they buffered
+    drop(sinks);
+    drop(permits);
     taken.extend(unsent(&client));
     prop_assert_eq!(client.stats().held, 0);
     // Every message given (and not refused) comes back once, each sender's in order.
@@ -218,7 +310,7 @@ proptest! {
     #![proptest_config(config())]
 
     #[test]
-    fn room_order_and_nothing_lost(capacity in prop_oneof![1usize..6, 129usize..200], ops in prop::collection::vec(op(), 1..60)) {
+    fn room_order_and_nothing_lost(capacity in prop_oneof![1usize..6, 60usize..80], ops in prop::collection::vec(op(), 1..60)) {
         run(capacity, ops)?;
     }
 }

@@ -621,9 +621,9 @@ async fn check_end_state(
     Ok(())
 }
 
-/// Sends `<seq>:<payload>` steadily until told to stop, never waiting long: mostly `feed_with`
-/// (written by the connection's task), sometimes `send_with` or `flush` (written from this task
-/// while connected) bounded by a short timeout (dropping the future withdraws nothing).
+/// Sends `<seq>:<payload>` steadily until told to stop, never waiting long: mostly `feed_with`,
+/// sometimes `send_with` or `flush` bounded by a short timeout (dropping the future withdraws
+/// nothing).
 async fn produce(
     client: WsClient,
     period: Duration,

@@ -8,7 +8,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// What can go wrong in the WebSocket transport.
 ///
-/// The first four are rejected before any socket is opened.
+/// The URL errors and [`WsError::Setting`] are found before any socket is opened.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WsError {
@@ -61,6 +61,47 @@ pub enum WsError {
     /// connection half-open.
     #[error("no pong within {0:?}: the peer is unresponsive")]
     HeartbeatTimeout(std::time::Duration),
+    /// A setting of [`WsClientBuilder`](super::WsClientBuilder) is out of range; found by
+    /// [`build`](super::WsClientBuilder::build).
+    #[error("invalid client setting")]
+    Setting(#[from] SettingError),
+}
+
+/// A setting of [`WsClientBuilder`](super::WsClientBuilder) that
+/// [`build`](super::WsClientBuilder::build) refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingError {
+    /// A capacity of zero: nothing could ever be sent or received.
+    #[error("{setting} must be at least 1")]
+    ZeroCapacity {
+        /// The setting's builder method.
+        setting: &'static str,
+    },
+    /// A capacity above what the client can count.
+    #[error("{setting} of {value} is above the maximum of {max}")]
+    CapacityTooLarge {
+        /// The setting's builder method.
+        setting: &'static str,
+        /// The value given.
+        value: usize,
+        /// The largest value allowed.
+        max: usize,
+    },
+    /// A duration of zero where the client must wait between two things (a heartbeat).
+    #[error("{setting} must be longer than zero")]
+    ZeroDuration {
+        /// The setting's builder method.
+        setting: &'static str,
+    },
+    /// A duration too long to add to a reading of the clock.
+    #[error("{setting} of {value:?} is too long to be a deadline")]
+    DurationTooLong {
+        /// The setting's builder method.
+        setting: &'static str,
+        /// The value given.
+        value: std::time::Duration,
+    },
 }
 
 impl WsError {
@@ -99,9 +140,11 @@ impl WsError {
     }
 }
 
-/// Why [`WsClient::send`](super::WsClient::send) (or `feed`, or a [`WsSink`](super::WsSink))
-/// did not accept or deliver a message. The message comes back with the error: nothing is
-/// dropped silently.
+/// Why [`WsClient::send`](super::WsClient::send) (or `feed`, a [`Permit`](super::Permit), a
+/// [`WsSink`](super::WsSink)) did not accept or deliver a message. A message the client had
+/// not yet delivered comes back with the error, or (for a message nobody waits for any more)
+/// through [`WsClient::take_unsent`](super::WsClient::take_unsent): nothing is dropped
+/// silently.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendError {
@@ -121,8 +164,36 @@ pub enum SendError {
     /// it (the `Sink` contract): it has no room reserved for it.
     #[error("`start_send` without a successful `poll_ready` before it")]
     NotReady(Message),
-    /// The client has shut down: every handle is gone or its driver stopped. Messages it had
-    /// accepted and not written are returned by [`WsClient::take_unsent`](super::WsClient::take_unsent).
+    /// The client has shut down (every handle, client and sink is gone, or its driver
+    /// stopped), so the message will not be delivered.
+    ///
+    /// `message` is the message when it comes back with this error: one refused when it was
+    /// offered, or one accepted and not yet delivered whose [`SendFuture`](super::SendFuture)
+    /// still waited. It is `None` where there was no message to give back: a wait for room or
+    /// a flush.
     #[error("the websocket client has shut down")]
-    Closed,
+    Closed {
+        /// The message, not delivered.
+        message: Option<Message>,
+    },
+    /// The message was accepted, then taken back by
+    /// [`WsClient::take_unsent`](super::WsClient::take_unsent), which returned it.
+    #[error("message {seq} was taken back before it was delivered")]
+    Withdrawn {
+        /// The message's sequence number.
+        seq: u64,
+    },
+}
+
+impl SendError {
+    /// The message this error gives back, if it carries one.
+    pub fn into_message(self) -> Option<Message> {
+        match self {
+            SendError::Full { message, .. }
+            | SendError::NotData(message)
+            | SendError::NotReady(message) => Some(message),
+            SendError::Closed { message } => message,
+            SendError::Withdrawn { .. } => None,
+        }
+    }
 }

@@ -53,19 +53,31 @@
 //!
 //! [`ReconnectLayer`]: crate::ReconnectLayer
 
+mod builder;
 mod client;
+mod close;
 mod conn;
 mod connector;
 mod error;
+mod future;
+mod incoming;
+mod monitor;
+mod outbox;
+mod shared;
 mod sink;
 #[cfg(feature = "tls")]
 mod tls;
+mod writer;
 
-pub use client::{Incoming, Received, SendFuture, Stats, WhenFull, WsClient, WsClientBuilder};
+pub use builder::{WhenFull, WsClientBuilder};
+pub use client::WsClient;
 pub use connector::{
     BoxFuture, BoxIo, Dial, Endpoint, Io, TcpDial, WsConnector, WsStream, endpoint,
 };
-pub use error::{SendError, WsError};
+pub use error::{SendError, SettingError, WsError};
+pub use future::{Permit, SendFuture};
+pub use incoming::{Incoming, Received};
+pub use outbox::Stats;
 pub use sink::WsSink;
 pub use tokio_tungstenite::tungstenite::Message;
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

@@ -7,36 +7,32 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use futures_util::Sink;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, TryAcquireError};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::client::{Buffered, Shared, Written};
+use super::client::WsClient;
 use super::error::SendError;
 
-/// How many messages a sink reserves room for at a time, and so takes between two locks of
-/// the queue.
-const CHUNK: usize = 128;
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 /// A `Sink<Message>` into a [`WsClient`], made by [`WsClient::sink`], for code written against
 /// `futures::Sink` (`SinkExt::feed`, `send_all`, `StreamExt::forward`), as it would be against
 /// tokio-tungstenite's stream.
 ///
-/// - `poll_ready` reserves room in the client's queue for up to 128 messages at a time, and
-///   waits while there is none, whatever [`WhenFull`](super::WhenFull) says: a `Sink` applies
-///   backpressure.
-/// - `start_send` keeps the message in the sink, in a reserved slot, with no lock.
-/// - The sink hands what it keeps to the client's queue, in order and under one lock, when its
-///   reserved room runs out, when it is flushed, and when it is dropped. From then on the
-///   messages are the client's, with the guarantees of [`WsClient::send`](super::WsClient::send):
-///   written in order to a connection, in the background or by the next flush, or given back.
-/// - `poll_flush` hands them over and resolves once every message given to the sink has been
-///   written to a connection; while connected, it writes them from the caller's task. While
+/// - `poll_ready` takes room for one message in the client's queue, and waits while there is
+///   none, whatever [`WhenFull`](super::WhenFull) says: a `Sink` applies backpressure. An idle
+///   sink holds at most that one slot.
+/// - `start_send` accepts the message into the queue at once, in that room; from then on it is
+///   the client's, with the guarantees of [`WsClient::send`](super::WsClient::send).
+/// - `poll_flush` resolves once every message given to the sink is delivered. While
 ///   disconnected it waits for the next connection: bound it with `tokio::time::timeout` where
 ///   the connection may stay down.
-/// - `poll_close` flushes. The client stays open; dropping the sink hands over what it keeps.
+/// - `poll_close` flushes. The client stays open.
 ///
-/// Messages in different sinks (or sent with `send` meanwhile) are ordered by when they are
-/// handed over. Once the client has shut down, the sink fails with [`SendError::Closed`] and
-/// what it kept goes to the queue, for [`WsClient::take_unsent`](super::WsClient::take_unsent).
+/// The sink holds a clone of its client, so the client lives while the sink does. Messages of
+/// different sinks (or sent with `send` meanwhile) are ordered by when `start_send` took them.
+/// If the client's driver stops, the sink fails with [`SendError::Closed`], with the message
+/// when `start_send` is given one.
 ///
 /// # Example
 ///
@@ -73,44 +69,37 @@ const CHUNK: usize = 128;
 /// }
 /// # Ok(()) }
 /// ```
-///
-/// [`WsClient`]: super::WsClient
-/// [`WsClient::sink`]: super::WsClient::sink
 pub struct WsSink {
-    shared: Arc<Shared>,
-    buffered: Buffered,
-    /// The sequence number of the last message this sink handed over (0: none yet).
+    client: WsClient,
+    /// Room taken by `poll_ready` for the next `start_send`.
+    room: Option<OwnedSemaphorePermit>,
+    acquiring: Option<Acquire>,
+    /// The sequence number of the last message this sink accepted (0: none yet).
     last: u64,
-    /// No room to reserve: waiting for some.
-    room: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    /// A flush in progress: waiting for `last`, as it was when the flush began, to be written.
-    flushing: Option<Written>,
+    /// A flush in progress: waiting for `last`, as it was when the flush began.
+    flushing: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
 }
 
-// A sink moves between tasks and threads with the messages it keeps.
+// A sink moves between tasks and threads.
 const _: fn() = || {
     fn send<T: Send>() {}
     send::<WsSink>();
 };
 
 impl WsSink {
-    pub(super) fn new(shared: Arc<Shared>) -> WsSink {
+    pub(super) fn new(client: WsClient) -> WsSink {
         WsSink {
-            shared,
-            buffered: Buffered::default(),
-            last: 0,
+            client,
             room: None,
+            acquiring: None,
+            last: 0,
             flushing: None,
         }
     }
+}
 
-    /// Hands what the sink keeps to the queue, and reserves up to `want` slots.
-    fn hand_over(&mut self, want: usize) -> Result<(), SendError> {
-        if let Some(last) = self.shared.hand_over(&mut self.buffered, want)? {
-            self.last = last;
-        }
-        Ok(())
-    }
+fn closed() -> SendError {
+    SendError::Closed { message: None }
 }
 
 impl Sink<Message> for WsSink {
@@ -119,36 +108,46 @@ impl Sink<Message> for WsSink {
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
         let this = self.get_mut();
         loop {
-            if this.buffered.has_slot() {
+            if this.room.is_some() {
                 return Poll::Ready(Ok(()));
             }
-            if let Some(room) = &mut this.room {
-                ready!(room.as_mut().poll(cx));
-                this.room = None;
+            if let Some(acquiring) = &mut this.acquiring {
+                let acquired = ready!(acquiring.as_mut().poll(cx));
+                this.acquiring = None;
+                this.room = Some(acquired.map_err(|_| closed())?);
+                continue;
             }
-            this.hand_over(CHUNK)?;
-            if !this.buffered.has_slot() {
-                // Full: wait for room, then try again (another sender may take it first).
-                let shared = Arc::clone(&this.shared);
-                this.room = Some(Box::pin(async move { shared.room_or_closed().await }));
+            let room = &this.client.shared().room;
+            match Arc::clone(room).try_acquire_owned() {
+                Ok(permit) => this.room = Some(permit),
+                Err(TryAcquireError::NoPermits) => {
+                    this.acquiring = Some(Box::pin(Arc::clone(room).acquire_owned()));
+                }
+                Err(TryAcquireError::Closed) => return Poll::Ready(Err(closed())),
             }
         }
     }
 
     fn start_send(self: Pin<&mut Self>, message: Message) -> Result<(), SendError> {
-        self.get_mut().buffered.push(message)
+        let this = self.get_mut();
+        let Some(room) = this.room.take() else {
+            return Err(SendError::NotReady(message));
+        };
+        room.forget();
+        let (seq, _) = this.client.shared().accept(move |_| message, false)?;
+        this.last = seq;
+        Ok(())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
         let this = self.get_mut();
-        if this.flushing.is_none() {
-            this.hand_over(0)?;
-            this.flushing = Some(Written::new(Arc::clone(&this.shared), this.last));
-        }
-        let flushing = this.flushing.as_mut().expect("set above");
-        let written = ready!(Pin::new(flushing).poll(cx));
+        let flushing = this.flushing.get_or_insert_with(|| {
+            let (shared, last) = (Arc::clone(this.client.shared()), this.last);
+            Box::pin(async move { shared.settled(last).await })
+        });
+        let settled = ready!(flushing.as_mut().poll(cx));
         this.flushing = None;
-        Poll::Ready(written.map(drop))
+        Poll::Ready(if settled { Ok(()) } else { Err(closed()) })
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
@@ -156,17 +155,10 @@ impl Sink<Message> for WsSink {
     }
 }
 
-impl Drop for WsSink {
-    fn drop(&mut self) {
-        // Nothing the sink took is lost: it goes to the queue, and out in the background.
-        let _ = self.shared.hand_over(&mut self.buffered, 0);
-    }
-}
-
 impl fmt::Debug for WsSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WsSink")
-            .field("buffered", &self.buffered.len())
+            .field("ready", &self.room.is_some())
             .field("last", &self.last)
             .field("flushing", &self.flushing.is_some())
             .finish_non_exhaustive()

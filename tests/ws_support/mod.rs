@@ -310,3 +310,14 @@ pub async fn wait_held(client: &WsClient, n: u64) {
     .await
     .unwrap_or_else(|_| panic!("holding {:?}, expected {n}", client.stats()));
 }
+
+/// Waits (bounded) until the client has written at least `n` messages.
+pub async fn wait_written(client: &WsClient, n: u64) {
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while client.stats().written < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("written {:?}, expected {n}", client.stats()));
+}

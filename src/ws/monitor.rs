@@ -1,0 +1,243 @@
+//! The monitor: the installed connection's own loop, the one writer of its socket.
+//!
+//! The driver polls it while the connection is installed and drops it at the release, which
+//! ends its writes at once; its wire (the socket, and the batch it was writing) goes back to
+//! the connection for the teardown. In each poll it writes (control frames, then batches of
+//! the queue), reads what there is room for in `Incoming`, and keeps the heartbeat; none of
+//! them waits for another. It ends with `Ok` on a normal close by the peer and `Err` on any
+//! failure: the layer turns those into a release or a reconnect of this epoch.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep, sleep_until};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use super::builder::Heartbeat;
+use super::conn::WsConn;
+use super::error::WsError;
+use super::incoming::{Received, Room};
+use super::shared::Shared;
+use super::writer::Wire;
+use crate::epoch::Epoch;
+use crate::error::BoxError;
+
+/// How many rounds (a frame read, a batch written) one poll runs before it yields, so that a
+/// peer that never stops sending cannot hold the driver's task.
+const ROUNDS_PER_POLL: usize = 32;
+
+pub(crate) struct Monitor {
+    conn: WsConn,
+    /// Taken from the connection at the first poll, put back when dropped.
+    wire: Option<Wire>,
+    shared: Arc<Shared>,
+    epoch: Epoch,
+    room: Room,
+    beat: Option<Beat>,
+}
+
+/// The heartbeat: a ping every `interval`, a pong due within `timeout` of it.
+struct Beat {
+    every: Heartbeat,
+    ping: Pin<Box<Sleep>>,
+    pong: Pong,
+    pong_at: Pin<Box<Sleep>>,
+}
+
+enum Pong {
+    /// No ping waits for its pong.
+    None,
+    /// The pong is due at `pong_at`.
+    Due,
+    /// Not reading (no room in `Incoming`): the deadline waits, with this much time left.
+    Paused(Duration),
+}
+
+/// `now + by`, or a far deadline where that overflows.
+fn after(by: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(by)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
+}
+
+impl Beat {
+    fn new(every: Heartbeat) -> Beat {
+        Beat {
+            every,
+            ping: Box::pin(sleep_until(after(every.interval))),
+            pong: Pong::None,
+            pong_at: Box::pin(sleep_until(after(every.timeout))),
+        }
+    }
+
+    /// Whether a ping is due now (and arms the next one and the pong deadline).
+    fn poll_ping(&mut self, cx: &mut Context<'_>, reading: bool) -> bool {
+        let mut due = false;
+        // Polled again after the reset: that registers the next deadline.
+        while self.ping.as_mut().poll(cx).is_ready() {
+            self.ping.as_mut().reset(after(self.every.interval));
+            due = true;
+        }
+        if due && matches!(self.pong, Pong::None) {
+            // The deadline runs from when the ping is due, written or not.
+            self.pong = Pong::Paused(self.every.timeout);
+            self.reading(reading);
+        }
+        due
+    }
+
+    /// Whether the pong is overdue.
+    fn poll_overdue(&mut self, cx: &mut Context<'_>) -> bool {
+        matches!(self.pong, Pong::Due) && self.pong_at.as_mut().poll(cx).is_ready()
+    }
+
+    /// Reading stops or resumes: the pong deadline pauses or resumes with what it had left.
+    fn reading(&mut self, reading: bool) {
+        match (&self.pong, reading) {
+            (Pong::Due, false) => {
+                let left = self
+                    .pong_at
+                    .deadline()
+                    .saturating_duration_since(Instant::now());
+                self.pong = Pong::Paused(left);
+            }
+            (Pong::Paused(left), true) => {
+                self.pong_at.as_mut().reset(after(*left));
+                self.pong = Pong::Due;
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Monitor {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        conn: WsConn,
+        epoch: Epoch,
+        incoming: mpsc::Sender<Received>,
+    ) -> Monitor {
+        // Installed now, not at the first poll: a release before that finds it installed.
+        conn.install(epoch);
+        let beat = shared.settings.heartbeat.map(Beat::new);
+        Monitor {
+            conn,
+            wire: None,
+            shared,
+            epoch,
+            room: Room::new(incoming),
+            beat,
+        }
+    }
+
+    /// Handles one frame read. `Some` ends the monitor.
+    fn frame(&mut self, message: Message) -> Option<Result<(), BoxError>> {
+        match message {
+            Message::Text(_) | Message::Binary(_) => {
+                self.shared.received(&message);
+                let received = Received {
+                    epoch: self.epoch,
+                    message,
+                };
+                if !self.room.deliver(received) {
+                    self.shared.undelivered();
+                }
+            }
+            Message::Pong(_) => {
+                if let Some(beat) = &mut self.beat {
+                    beat.pong = Pong::None;
+                }
+            }
+            // tungstenite queued the close reply; the teardown writes it.
+            Message::Close(frame) => {
+                return Some(peer_closed(
+                    frame,
+                    self.shared.settings.reconnect_on_normal_close,
+                ));
+            }
+            // tungstenite queued the pong; the wire writes it.
+            Message::Ping(_) | Message::Frame(_) => {}
+        }
+        None
+    }
+}
+
+impl Future for Monitor {
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if this.wire.is_none() {
+            match this.conn.take_wire() {
+                Some(wire) => this.wire = Some(wire),
+                // Only a teardown takes the wire, and the driver drops the monitor first.
+                None => return Poll::Ready(Err(WsError::Dropped.into())),
+            }
+        }
+        for _ in 0..ROUNDS_PER_POLL {
+            let wire = this.wire.as_mut().expect("taken above");
+            let room = this.room.poll_room(cx).is_ready();
+            let mut again = false;
+            if let Some(beat) = &mut this.beat {
+                beat.reading(room);
+                if beat.poll_ping(cx, room) {
+                    wire.owe_ping();
+                }
+                if beat.poll_overdue(cx) {
+                    tracing::debug!(epoch = %this.epoch, "no pong in time");
+                    return Poll::Ready(Err(WsError::HeartbeatTimeout(beat.every.timeout).into()));
+                }
+            }
+            if let Poll::Ready(Err(error)) = wire.poll_write(cx, false) {
+                return Poll::Ready(Err(error.into()));
+            }
+            if room {
+                match wire.poll_next(cx) {
+                    Poll::Ready(Some(Ok(message))) => {
+                        if let Some(end) = this.frame(message) {
+                            return Poll::Ready(end);
+                        }
+                        again = true;
+                    }
+                    Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(error.into())),
+                    Poll::Ready(None) => return Poll::Ready(Err(WsError::Dropped.into())),
+                    Poll::Pending => {}
+                }
+            }
+            if !again {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        if let Some(wire) = self.wire.take() {
+            self.conn.put_wire(wire);
+        }
+    }
+}
+
+pub(crate) fn peer_closed(
+    frame: Option<CloseFrame>,
+    reconnect_on_normal: bool,
+) -> Result<(), BoxError> {
+    let (code, reason) = match frame {
+        Some(frame) => (frame.code, frame.reason.to_string()),
+        None => (CloseCode::Status, String::new()),
+    };
+    if code == CloseCode::Normal && !reconnect_on_normal {
+        Ok(())
+    } else {
+        Err(WsError::PeerClosed { code, reason }.into())
+    }
+}
