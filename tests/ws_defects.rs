@@ -14,7 +14,9 @@ use std::time::Duration;
 use adversary::{Peer, Script, sockets_to, tagged};
 use futures_util::{SinkExt, StreamExt};
 use tower_epoch::backoff::Schedule;
-use tower_epoch::ws::{Message, SendError, WhenFull, WsClient, WsClientBuilder};
+use tower_epoch::ws::{
+    Message, SendError, SettingError, WhenFull, WsClient, WsClientBuilder, WsError,
+};
 use tower_epoch::{Handle, State};
 
 const MS: Duration = Duration::from_millis(1);
@@ -379,4 +381,156 @@ async fn idle_sinks_hold_no_room_that_send_needs() {
     client
         .feed(tagged("f2", 1))
         .expect("room with two idle sinks");
+}
+
+/// Defect 7: `heartbeat(Duration::MAX, ..)` overflowed `Instant + Duration` in the driver,
+/// which panicked, and `Incoming` never ended. Settings out of range are typed errors at
+/// `build()`, before anything runs.
+#[tokio::test(start_paused = true)]
+async fn settings_out_of_range_are_typed_errors_at_build() {
+    let builder = || WsClient::builder("ws://127.0.0.1:9/").unwrap();
+    let second = Duration::from_secs(1);
+    let cases = [
+        (
+            builder().heartbeat(Duration::MAX, second),
+            SettingError::DurationTooLong {
+                setting: "heartbeat",
+                value: Duration::MAX,
+            },
+        ),
+        (
+            builder().heartbeat(second, Duration::MAX),
+            SettingError::DurationTooLong {
+                setting: "heartbeat",
+                value: Duration::MAX,
+            },
+        ),
+        (
+            builder().heartbeat(Duration::ZERO, second),
+            SettingError::ZeroDuration {
+                setting: "heartbeat",
+            },
+        ),
+        (
+            builder().heartbeat(second, Duration::ZERO),
+            SettingError::ZeroDuration {
+                setting: "heartbeat",
+            },
+        ),
+        (
+            builder().queue_capacity(0),
+            SettingError::ZeroCapacity {
+                setting: "queue_capacity",
+            },
+        ),
+        (
+            builder().incoming_capacity(0),
+            SettingError::ZeroCapacity {
+                setting: "incoming_capacity",
+            },
+        ),
+        (
+            builder().queue_capacity(usize::MAX),
+            SettingError::CapacityTooLarge {
+                setting: "queue_capacity",
+                value: usize::MAX,
+                max: tokio::sync::Semaphore::MAX_PERMITS,
+            },
+        ),
+        (
+            builder().incoming_capacity(usize::MAX),
+            SettingError::CapacityTooLarge {
+                setting: "incoming_capacity",
+                value: usize::MAX,
+                max: tokio::sync::Semaphore::MAX_PERMITS,
+            },
+        ),
+    ];
+    for (builder, expected) in cases {
+        match builder.build() {
+            Err(WsError::Setting(error)) => assert_eq!(error, expected),
+            Err(other) => panic!("expected {expected:?}, got {other:?}"),
+            Ok(_) => panic!("expected {expected:?}, the client was built"),
+        }
+    }
+    let (client, _incoming) = builder()
+        .queue_capacity(tokio::sync::Semaphore::MAX_PERMITS)
+        .build()
+        .expect("the largest capacity allowed");
+    client.feed(tagged("in range", 1)).unwrap();
+}
+
+/// Defect 7, on a connection: a heartbeat far in the future (a century) arms its deadlines
+/// without overflow, and the connection works.
+#[tokio::test]
+async fn a_century_long_heartbeat_runs_without_a_panic() {
+    let century = Duration::from_secs(100 * 365 * 86_400);
+    let peer = Peer::start(Script::default()).await;
+    let (client, _incoming) = builder(peer.url())
+        .heartbeat(century, century)
+        .build()
+        .unwrap();
+    let handle = client.handle().clone();
+    handle.connect().unwrap();
+    let epoch = connected(&handle).await;
+    bounded(
+        Duration::from_secs(3),
+        "a send",
+        client.send(tagged("m", 1)),
+    )
+    .await
+    .expect("written");
+    assert!(matches!(handle.state(), State::Connected { epoch: e } if e == epoch));
+}
+
+/// Defect 9: a `SendFuture` cut while it waited for room dropped its message, with no way to
+/// wait for room safely. `reserve` holds room and no message; a send cut after its message was
+/// accepted withdraws nothing.
+#[tokio::test(start_paused = true)]
+async fn a_wait_for_room_cut_short_loses_nothing_with_reserve() {
+    // Never connected: nothing is written, nothing leaves but what is taken back.
+    let (client, _incoming) = WsClient::builder("ws://127.0.0.1:9/")
+        .unwrap()
+        .queue_capacity(2)
+        .no_heartbeat()
+        .build()
+        .unwrap();
+    // Accepted, then cut while it waits for delivery: the message stays the client's.
+    let cut = tokio::time::timeout(10 * MS, client.send(tagged("accepted", 1))).await;
+    assert!(cut.is_err(), "nothing delivers it");
+    client.feed(tagged("fed", 1)).unwrap();
+    assert_eq!(client.stats().held, 2);
+
+    // Full: a wait for room cut short takes nothing and holds nothing.
+    assert!(
+        tokio::time::timeout(10 * MS, client.reserve())
+            .await
+            .is_err()
+    );
+    assert_eq!(client.stats().held, 2);
+
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let permit = client.reserve().await.expect("room comes");
+            let mut sending = std::pin::pin!(permit.send(tagged("reserved", 1)));
+            let accepted = poll_fn(|cx| match sending.as_mut().poll(cx) {
+                std::task::Poll::Pending => std::task::Poll::Ready(sending.seq()),
+                std::task::Poll::Ready(outcome) => panic!("resolved early: {outcome:?}"),
+            });
+            accepted.await
+        }
+    });
+    settle().await;
+    let unsent: Vec<_> = client
+        .take_unsent()
+        .into_iter()
+        .map(|(seq, m)| (seq, adversary::tag_of(&m).unwrap()))
+        .collect();
+    assert_eq!(unsent, [(1, "accepted".into()), (2, "fed".into())]);
+    let seq = bounded(Duration::from_secs(1), "the reserved send", waiting)
+        .await
+        .unwrap();
+    assert_eq!(seq, Some(3));
+    assert_eq!(client.stats().held, 1);
 }

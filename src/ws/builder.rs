@@ -92,6 +92,24 @@ impl<B: fmt::Debug> fmt::Debug for WsClientBuilder<B> {
     }
 }
 
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            capacity: 1024,
+            when_full: WhenFull::Wait,
+            heartbeat: Some(Heartbeat {
+                interval: Duration::from_secs(30),
+                timeout: Duration::from_secs(10),
+            }),
+            close_code: CloseCode::Normal,
+            close_reason: String::new(),
+            close_step_timeout: Duration::from_secs(2),
+            reconnect_on_normal_close: false,
+            ack: None,
+        }
+    }
+}
+
 impl WsClientBuilder {
     pub(super) fn new(request: Arc<dyn Fn() -> Request + Send + Sync>) -> WsClientBuilder {
         WsClientBuilder {
@@ -99,19 +117,7 @@ impl WsClientBuilder {
             connector: WsConnector::new(),
             backoff: crate::backoff::default_backoff(),
             incoming_capacity: 1024,
-            settings: Settings {
-                capacity: 1024,
-                when_full: WhenFull::Wait,
-                heartbeat: Some(Heartbeat {
-                    interval: Duration::from_secs(30),
-                    timeout: Duration::from_secs(10),
-                }),
-                close_code: CloseCode::Normal,
-                close_reason: String::new(),
-                close_step_timeout: Duration::from_secs(2),
-                reconnect_on_normal_close: false,
-                ack: None,
-            },
+            settings: Settings::default(),
             configure: Box::new(|layer| layer),
         }
     }

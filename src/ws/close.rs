@@ -99,3 +99,76 @@ pub(crate) async fn close(
         tracing::debug!("the peer did not answer the close in time; dropping the socket");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::*;
+    use crate::epoch::Clock;
+    use crate::ws::BoxIo;
+    use crate::ws::builder::Settings;
+    use crate::ws::monitor::Monitor;
+    use crate::ws::writer::Wire;
+
+    /// Issue 9, defect 6: the connection's epoch was set at its monitor's first poll, so a
+    /// release before that (a quick disconnect) skipped the writes owed before Close. It is
+    /// installed when its monitor is made.
+    #[tokio::test]
+    async fn a_release_before_the_monitor_runs_still_writes_the_queue_before_close() {
+        let clock = Arc::new(Clock::new());
+        let epoch = clock.tick();
+        let settings = Settings {
+            close_step_timeout: Duration::from_secs(1),
+            ..Settings::default()
+        };
+        let shared = Arc::new(Shared::new(settings, Arc::clone(&clock)));
+        for text in ["m1", "m2"] {
+            shared.try_reserve().unwrap();
+            shared.accept(|_| Message::text(text), false).unwrap();
+        }
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let ours = WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, None);
+        let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+        let conn = WsConn::new(Wire::new(ours.await, Arc::clone(&shared)));
+        let (incoming, _rx) = mpsc::channel(1);
+
+        // Installed, and released before the driver polled its monitor even once.
+        drop(Monitor::new(
+            Arc::clone(&shared),
+            conn.clone(),
+            epoch,
+            incoming.clone(),
+        ));
+        clock.tick();
+        let closing = tokio::spawn(close(
+            Arc::clone(&shared),
+            conn,
+            CloseCause::Disconnect,
+            incoming,
+        ));
+        let mut seen = Vec::new();
+        while let Some(Ok(message)) = peer.next().await {
+            match message {
+                Message::Close(_) => {
+                    seen.push("Close".to_string());
+                    // Answers it: the reply goes out with the next read.
+                    while let Some(Ok(_)) = peer.next().await {}
+                    break;
+                }
+                message => seen.push(message.into_text().unwrap().to_string()),
+            }
+        }
+        assert_eq!(seen, ["m1", "m2", "Close"]);
+        tokio::time::timeout(Duration::from_secs(2), closing)
+            .await
+            .expect("the close completes")
+            .unwrap();
+        let stats = shared.stats();
+        assert_eq!((stats.written, stats.held), (2, 0));
+    }
+}

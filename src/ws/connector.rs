@@ -188,12 +188,22 @@ impl fmt::Debug for WsConnector {
     }
 }
 
+/// The read buffer a connection starts with: small, because an idle connection holds it (see
+/// [`WsConnector::new`]).
+const READ_BUFFER: usize = 4 * 1024;
+
 impl WsConnector {
-    /// A connector over TCP with tungstenite's default limits.
+    /// A connector over TCP with tungstenite's default limits, but a 4 KiB read buffer.
+    ///
+    /// tungstenite's default read buffer is 128 KiB per connection, allocated when the
+    /// connection opens and cleared on every read. 4 KiB keeps an idle connection small (about
+    /// 10 KiB in all, see BENCHMARKS.md); the buffer grows for a larger message on demand. For
+    /// a connection that reads large messages at a high rate, set a larger one with
+    /// [`with_config`](Self::with_config) (`WebSocketConfig::read_buffer_size`).
     pub fn new() -> Self {
         WsConnector {
             dial: Arc::new(TcpDial),
-            config: WebSocketConfig::default(),
+            config: WebSocketConfig::default().read_buffer_size(READ_BUFFER),
             #[cfg(feature = "tls")]
             tls: None,
         }

@@ -231,13 +231,19 @@ impl Outbox {
             Scope::Installed(epoch) => now == epoch,
             Scope::Closing(epoch) => p.accepted <= epoch,
         };
-        let mut bytes = 0;
-        while let Some(next) = self.queue.front() {
-            if !take(next) || (!batch.is_empty() && bytes + next.len() > BATCH_BYTES) {
+        let (mut n, mut bytes) = (0, 0);
+        for next in &self.queue {
+            if !take(next) || (n > 0 && bytes + next.len() > BATCH_BYTES) {
                 break;
             }
+            n += 1;
             bytes += next.len();
-            batch.push_back(self.queue.pop_front().expect("checked"));
+        }
+        if n == self.queue.len() {
+            // The whole queue (the common case): no message moves.
+            std::mem::swap(&mut self.queue, batch);
+        } else {
+            batch.extend(self.queue.drain(..n));
         }
         match batch.front() {
             Some(first) => {
@@ -252,8 +258,9 @@ impl Outbox {
     }
 
     /// The batch in flight was written and flushed, but for `skipped` of its messages: each
-    /// message is delivered (or, with at-least-once, waits for its acknowledgement). Pushes
-    /// onto `delivered` the messages that leave the client.
+    /// message is delivered (or, with at-least-once, waits for its acknowledgement). What
+    /// leaves the client is left in `batch` (without at-least-once, the whole batch) or pushed
+    /// onto `delivered` (acknowledged meanwhile); the caller settles both.
     pub(crate) fn finish(
         &mut self,
         batch: &mut VecDeque<Pending>,
@@ -275,7 +282,6 @@ impl Outbox {
             }
         } else {
             self.held -= batch.len();
-            delivered.extend(batch.drain(..));
         }
     }
 
@@ -436,7 +442,8 @@ mod tests {
         assert_eq!(seqs(&batch), [1, 2]);
         let mut delivered = Vec::new();
         outbox.finish(&mut batch, 0, false, &mut delivered);
-        assert_eq!(delivered.len(), 2);
+        assert_eq!(batch.len(), 2, "delivered, for the caller to settle");
+        batch.clear();
         assert_eq!(
             outbox.take_batch(Scope::Closing(e(1)), e(2), false, &mut batch),
             Take::Done,
@@ -463,6 +470,7 @@ mod tests {
             );
             assert_eq!(seqs(&batch), expected);
             outbox.finish(&mut batch, 0, false, &mut delivered);
+            batch.clear();
         }
         assert_eq!(
             outbox.take_batch(Scope::Installed(e(1)), e(1), false, &mut batch),

@@ -5,22 +5,13 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{Notify, Semaphore, SemaphorePermit, TryAcquireError, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit, TryAcquireError, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::builder::Settings;
 use super::error::SendError;
 use super::outbox::{Outbox, Pending, Scope, Stats, Take};
 use crate::epoch::{Clock, Epoch};
-
-/// Where the settled watermark stands, for flushes.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Progress {
-    /// Everything up to this sequence number has left the client.
-    pub(crate) settled: u64,
-    /// The client has shut down.
-    pub(crate) closed: bool,
-}
 
 /// An accepted message: its sequence number, and its outcome to come if it was awaited.
 pub(crate) type Accepted = (u64, Option<oneshot::Receiver<Result<u64, SendError>>>);
@@ -33,7 +24,11 @@ pub(crate) struct Shared {
     /// Work for a writer: a message queued into an empty queue, a batch back in the queue,
     /// an older writer gone, the shutdown.
     pub(crate) work: Arc<Notify>,
-    progress: watch::Sender<Progress>,
+    /// Everything up to this sequence number has left the client (delivered or given back),
+    /// or `u64::MAX` once it has shut down: what flushes wait for.
+    settled: AtomicU64,
+    /// `settled` moved.
+    progress: Notify,
     /// Everything up to this sequence number has been handed to a connection (at least once):
     /// an acknowledgement beyond it is impossible.
     fed: AtomicU64,
@@ -53,7 +48,8 @@ impl Shared {
             outbox: Mutex::new(Outbox::default()),
             room: Arc::new(Semaphore::new(settings.capacity)),
             work: Arc::new(Notify::new()),
-            progress: watch::Sender::new(Progress::default()),
+            settled: AtomicU64::new(0),
+            progress: Notify::new(),
             fed: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -162,7 +158,8 @@ impl Shared {
     }
 
     /// The batch was written and flushed, but for `skipped` of its messages (acknowledged
-    /// while they waited to go again). `delivered` is an empty buffer to reuse.
+    /// while they waited to go again). `delivered` is an empty buffer to reuse. The batch is
+    /// empty afterwards.
     pub(crate) fn finish(
         &self,
         batch: &mut VecDeque<Pending>,
@@ -173,6 +170,12 @@ impl Shared {
         outbox.finish(batch, skipped, self.at_least_once(), delivered);
         self.publish(&outbox);
         drop(outbox);
+        // Without at-least-once the whole batch is delivered.
+        self.room.add_permits(batch.len());
+        for pending in batch.drain(..) {
+            let seq = pending.seq;
+            pending.settle(|_| Ok(seq));
+        }
         self.deliver(delivered);
     }
 
@@ -269,12 +272,17 @@ impl Shared {
 
     /// Waits until everything up to `seq` has left the client; `false` if it shut down first.
     pub(crate) async fn settled(&self, seq: u64) -> bool {
-        let mut progress = self.progress.subscribe();
-        let reached = progress
-            .wait_for(|p| p.settled >= seq || p.closed)
-            .await
-            .map(|p| p.settled >= seq);
-        reached.unwrap_or(false)
+        loop {
+            let moved = self.progress.notified();
+            let mut moved = std::pin::pin!(moved);
+            // Registered before the look: a move after it wakes us.
+            moved.as_mut().enable();
+            match self.settled.load(Ordering::Acquire) {
+                u64::MAX => return self.lock().settled() >= seq,
+                settled if settled >= seq => return true,
+                _ => moved.await,
+            }
+        }
     }
 
     pub(crate) fn next_seq(&self) -> u64 {
@@ -293,15 +301,13 @@ impl Shared {
 
     /// Publishes the settled watermark (under the outbox lock, so that it never goes back).
     fn publish(&self, outbox: &Outbox) {
-        let now = Progress {
-            settled: outbox.settled(),
-            closed: outbox.is_closed(),
+        let now = match outbox.is_closed() {
+            true => u64::MAX,
+            false => outbox.settled(),
         };
-        self.progress.send_if_modified(|p| {
-            let changed = p.settled != now.settled || p.closed != now.closed;
-            *p = now;
-            changed
-        });
+        if self.settled.swap(now, Ordering::AcqRel) != now {
+            self.progress.notify_waiters();
+        }
     }
 
     /// Messages delivered: their room comes back and their senders learn it.
