@@ -190,7 +190,11 @@ where
         tokio::select! {
             biased;
             Some((epoch, outcome)) = attempts.next(), if !attempts.is_empty() => {
-                let watch = outcome.as_ref().ok().map(|conn| monitor.monitor(conn, epoch));
+                // Only for a connection about to be installed (its epoch still current).
+                let watch = match &outcome {
+                    Ok(conn) if core.clock.is_current(epoch) => Some(monitor.monitor(conn, epoch)),
+                    _ => None,
+                };
                 let outcome = outcome.map(|conn| Box::new(conn) as AnyConn);
                 if core.attempt_done(epoch, outcome) {
                     watching = watch.map(|w| (epoch, Box::pin(w) as Boxed<_>));

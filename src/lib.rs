@@ -117,6 +117,7 @@
 //! # Minimum supported Rust version
 //!
 //! Rust 1.85 (edition 2024).
+#![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 

@@ -445,6 +445,19 @@ async fn settings_out_of_range_are_typed_errors_at_build() {
                 max: tokio::sync::Semaphore::MAX_PERMITS,
             },
         ),
+        // tungstenite asserts this when a connection opens; the client refuses it at build.
+        (
+            builder().connector(
+                tower_epoch::ws::WsConnector::new().with_config(
+                    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                        .max_write_buffer_size(1_000),
+                ),
+            ),
+            SettingError::WriteBuffer {
+                write_buffer_size: 128 * 1024,
+                max_write_buffer_size: 1_000,
+            },
+        ),
     ];
     for (builder, expected) in cases {
         match builder.build() {
@@ -533,4 +546,280 @@ async fn a_wait_for_room_cut_short_loses_nothing_with_reserve() {
         .unwrap();
     assert_eq!(seq, Some(3));
     assert_eq!(client.stats().held, 1);
+}
+
+/// Messages received while nobody holds `Incoming` are counted, not silently gone: on the
+/// installed connection and during its close.
+#[tokio::test(flavor = "current_thread")]
+async fn messages_nobody_reads_are_counted_as_undelivered() {
+    let peer = Peer::start(Script::default()).await;
+    let (client, incoming) = builder(peer.url()).build().unwrap();
+    drop(incoming);
+    let handle = client.handle().clone();
+    handle.connect().unwrap();
+    connected(&handle).await;
+    for n in 0..3 {
+        peer.say(tagged(&format!("open{n}"), 1));
+    }
+    bounded(Duration::from_secs(3), "three read", async {
+        while client.stats().received < 3 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    peer.stop_reading();
+    let closing = tokio::spawn(handle.disconnect());
+    settle().await;
+    peer.say(tagged("closing", 1));
+    settle().await;
+    peer.read();
+    bounded(Duration::from_secs(3), "disconnect", closing)
+        .await
+        .unwrap();
+    let stats = client.stats();
+    assert_eq!((stats.received, stats.undelivered), (4, 4), "{stats:?}");
+}
+
+/// The connector's protocol settings reach the connection: a message above its limit fails it.
+#[tokio::test]
+async fn the_connectors_protocol_limits_apply() {
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+    use tower_epoch::ws::WsConnector;
+
+    let peer = Peer::start(Script::default()).await;
+    let limited = WebSocketConfig::default().max_message_size(Some(64));
+    let (client, _incoming) = builder(peer.url())
+        .connector(WsConnector::new().with_config(limited))
+        .build()
+        .unwrap();
+    let handle = client.handle().clone();
+    handle.connect().unwrap();
+    let epoch = connected(&handle).await;
+    peer.say(tagged("too long", 100));
+    let mut states = handle.subscribe();
+    bounded(Duration::from_secs(3), "the failure", async {
+        states
+            .wait_for(|s| s.epoch() != Some(epoch))
+            .await
+            .unwrap()
+            .clone()
+    })
+    .await;
+    assert_eq!(handle.ledger().failures, 1);
+}
+
+// ---- found by review, after the rewrite -------------------------------------------------
+
+/// A closing connection that waits for the peer's (slow) Close holds no room in `Incoming`:
+/// the installed connection delivers meanwhile, with `incoming_capacity(1)`.
+#[tokio::test(flavor = "current_thread")]
+async fn a_closing_connection_does_not_hold_back_the_installed_ones_deliveries() {
+    let peer = Peer::start(Script {
+        echo: true,
+        close_reply_delay: Duration::from_secs(2),
+        ..Script::default()
+    })
+    .await;
+    let (client, mut incoming) = builder(peer.url())
+        .incoming_capacity(1)
+        .close_step_timeout(Duration::from_secs(3))
+        .layer(|l| l.with_close_timeout(Duration::from_secs(5)))
+        .build()
+        .unwrap();
+    let handle = client.handle().clone();
+    handle.connect().unwrap();
+    connected(&handle).await;
+    let closing = tokio::spawn(handle.disconnect());
+    peer.wait_for(Duration::from_secs(3), "the first Close", |c| {
+        c[0].close.is_some()
+    })
+    .await;
+    handle.connect().unwrap();
+    let epoch = connected(&handle).await;
+    client.send(tagged("hello", 4)).await.unwrap();
+    let echo = bounded(Duration::from_secs(5), "the echo", incoming.next())
+        .await
+        .unwrap();
+    assert_eq!(echo.epoch, epoch);
+    assert!(
+        !closing.is_finished(),
+        "delivered while the first connection still waits for the peer's Close"
+    );
+    bounded(Duration::from_secs(5), "disconnect", closing)
+        .await
+        .unwrap();
+}
+
+/// A message larger than any connection can take (the connector's `max_write_buffer_size`)
+/// is refused when offered, instead of failing every connection it is written to.
+#[tokio::test(flavor = "current_thread")]
+async fn a_message_over_the_write_buffer_limit_is_refused_when_offered() {
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+    use tower_epoch::ws::WsConnector;
+
+    let peer = Peer::start(Script::default()).await;
+    let limited = WebSocketConfig::default().max_write_buffer_size(256 << 10);
+    let (client, _incoming) = builder(peer.url())
+        .connector(WsConnector::new().with_config(limited))
+        .build()
+        .unwrap();
+    let handle = client.handle().clone();
+    handle.connect().unwrap();
+    connected(&handle).await;
+    let max = (256 << 10) - (128 << 10) - 14;
+    match client.send(tagged("big", 300 << 10)).await {
+        Err(SendError::TooLarge { message, max: m }) => {
+            assert_eq!(m, max);
+            assert_eq!(adversary::tag_of(&message).unwrap(), "big");
+        }
+        other => panic!("expected too large, got {other:?}"),
+    }
+    let fits = tagged("fits", max - "fits|".len());
+    bounded(
+        Duration::from_secs(3),
+        "the largest that fits",
+        client.send(fits),
+    )
+    .await
+    .expect("written");
+    peer.wait_for(Duration::from_secs(3), "it", |c| c[0].tags == ["fits"])
+        .await;
+    assert_eq!(handle.ledger().failures, 0);
+}
+
+/// A `make` closure that panics under the client's lock gives back the room it was given.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_make_gives_its_room_back() {
+    let (client, _incoming) = WsClient::builder("ws://127.0.0.1:9/")
+        .unwrap()
+        .queue_capacity(1)
+        .no_heartbeat()
+        .build()
+        .unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        client.feed_with(|_| panic!("user code panics"))
+    }));
+    assert!(caught.is_err());
+    assert_eq!(client.stats().held, 0);
+    client.feed(tagged("next", 1)).expect("the room came back");
+}
+
+/// A panic in the at-least-once acknowledgement function is a failure of the connection that
+/// read the message, not the end of the client: it reconnects and delivers.
+#[tokio::test(flavor = "current_thread")]
+async fn a_panicking_ack_function_fails_its_connection_not_the_client() {
+    let peer = Peer::start(Script {
+        echo: true,
+        ..Script::default()
+    })
+    .await;
+    let panicked = Arc::new(AtomicBool::new(false));
+    let once = Arc::clone(&panicked);
+    let (client, _incoming) = builder(peer.url())
+        .at_least_once(move |m: &Message| -> Option<u64> {
+            if m.to_text().ok()?.starts_with("boom|") && !once.swap(true, Ordering::SeqCst) {
+                panic!("the acknowledgement function panics");
+            }
+            None
+        })
+        .build()
+        .unwrap();
+    let handle = client.handle().clone();
+    handle.connect().unwrap();
+    let first = connected(&handle).await;
+    client.feed(tagged("boom", 1)).unwrap();
+    let mut states = handle.subscribe();
+    bounded(Duration::from_secs(3), "a new connection", async {
+        states
+            .wait_for(|s| s.is_connected() && s.epoch() != Some(first))
+            .await
+            .unwrap()
+            .clone()
+    })
+    .await;
+    assert!(panicked.load(Ordering::SeqCst));
+    // Not acknowledged: written again on the new connection.
+    peer.wait_for(Duration::from_secs(3), "boom on both", |c| {
+        c.len() == 2 && c[1].tags == ["boom"]
+    })
+    .await;
+    assert_eq!(handle.ledger().failures, 1);
+    assert!(handle.state().is_connected());
+}
+
+// ---- found by mutation testing ----------------------------------------------------------
+
+/// A peer that closes gets the client's reply to its Close, and a peer's ping gets a pong,
+/// with nothing else written.
+#[tokio::test(flavor = "current_thread")]
+async fn the_peers_close_and_pings_are_answered() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let peer = Peer::start(Script {
+        greet: vec![Message::Ping(Default::default())],
+        ..Script::default()
+    })
+    .await;
+    let (client, _incoming) = builder(peer.url()).build().unwrap();
+    let handle = client.handle().clone();
+    handle.connect().unwrap();
+    connected(&handle).await;
+    peer.wait_for(Duration::from_secs(3), "a pong", |c| c[0].pongs == 1)
+        .await;
+
+    peer.say(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })));
+    peer.wait_for(Duration::from_secs(3), "the reply to its Close", |c| {
+        c[0].close == Some(1000)
+    })
+    .await;
+    let mut states = handle.subscribe();
+    bounded(Duration::from_secs(3), "idle after a normal close", async {
+        states
+            .wait_for(|s| matches!(s, State::Idle))
+            .await
+            .unwrap()
+            .clone()
+    })
+    .await;
+}
+
+/// A close cut by the layer's close timeout in the middle of writing what it owed (its
+/// teardown dropped) gives the batch back and lets the next connection write: nothing waits
+/// for it forever.
+#[tokio::test(flavor = "current_thread")]
+async fn a_close_cut_by_the_close_timeout_gives_its_batch_back() {
+    let peer = Peer::start(Script::default()).await;
+    peer.stop_reading_on(0);
+    let (client, _incoming) = builder(peer.url())
+        .close_step_timeout(Duration::from_secs(10))
+        .layer(|l| {
+            l.with_connect_timeout(Duration::from_secs(1))
+                .with_close_timeout(300 * MS)
+        })
+        .build()
+        .unwrap();
+    let handle = client.handle().clone();
+    handle.connect().unwrap();
+    connected(&handle).await;
+    client.feed(tagged("cut", BLOCKING)).unwrap();
+    settle().await;
+    bounded(Duration::from_secs(3), "disconnect", handle.disconnect()).await;
+    assert_eq!(handle.ledger().close_timeouts, 1);
+    handle.connect().unwrap();
+    connected(&handle).await;
+    bounded(
+        Duration::from_secs(10),
+        "a flush on the next connection",
+        client.flush(),
+    )
+    .await
+    .unwrap();
+    peer.wait_for(Duration::from_secs(5), "the cut message, whole", |c| {
+        c.len() == 2 && c[1].tags == ["cut"]
+    })
+    .await;
 }

@@ -545,11 +545,29 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
     // 1. Nothing lost (but, without at-least-once, what was written to a connection that then
     // ended abnormally).
     let arrived: BTreeSet<u64> = record.received.iter().flatten().copied().collect();
+    // Such a message was handed to connection `n` after the last new one that arrived up to
+    // it, and before the first new one on any later connection.
+    let new_on: Vec<Vec<u64>> = {
+        let mut seen = BTreeSet::new();
+        let first = |seqs: &Vec<u64>| {
+            seqs.iter()
+                .copied()
+                .filter(|seq| seen.insert(*seq))
+                .collect()
+        };
+        record.received.iter().map(first).collect()
+    };
     let lost_with_a_connection = |seq: u64| {
         !case.at_least_once
             && (0..record.received.len()).any(|n| {
-                !record.closed_by_client[n]
-                    && record.received[n].last().is_none_or(|last| seq > *last)
+                let lo = new_on[..=n].iter().flatten().max().copied().unwrap_or(0);
+                let hi = new_on[n + 1..]
+                    .iter()
+                    .flatten()
+                    .min()
+                    .copied()
+                    .unwrap_or(u64::MAX);
+                !record.closed_by_client[n] && lo < seq && seq < hi
             })
     };
     for seq in 1..=accepted {

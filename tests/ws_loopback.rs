@@ -265,6 +265,8 @@ async fn the_queue_is_bounded_and_fails_or_waits_as_chosen() {
     client.feed(text("b")).unwrap();
     assert_full(client.feed(text("c")), text("c"));
     assert_full(client.send(text("d")).await, text("d"));
+    // Made for the number it would have had.
+    assert_full(client.feed_with(|seq| text(&format!("e{seq}"))), text("e3"));
     assert!(matches!(
         client.feed(Message::Ping(Default::default())),
         Err(SendError::NotData(_))
@@ -313,8 +315,8 @@ async fn the_sink_accepts_in_order_and_its_flush_waits_for_the_writes() {
     assert_eq!(client.stats().written, 2);
 
     // A long run: more than a batch, all in order.
-    let many: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
-    let mut messages = futures_util::stream::iter(many.iter().map(|m| Ok(text(m))));
+    let mut many: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    let mut messages = futures_util::stream::iter(many.clone().into_iter().map(|m| Ok(text(&m))));
     timeout(Duration::from_secs(5), sink.send_all(&mut messages))
         .await
         .expect("sent within the bound")
@@ -325,6 +327,19 @@ async fn the_sink_accepts_in_order_and_its_flush_waits_for_the_writes() {
         302,
         "written when the flush resolves"
     );
+
+    // `close` flushes too.
+    sink.feed(text("closing")).await.unwrap();
+    timeout(Duration::from_secs(2), sink.close())
+        .await
+        .expect("closed within the bound")
+        .unwrap();
+    assert_eq!(
+        client.stats().written,
+        303,
+        "written when the close resolves"
+    );
+    many.push("closing".into());
 
     // Dropped unflushed: written in the background all the same.
     sink.feed(text("last")).await.unwrap();
@@ -396,6 +411,7 @@ async fn the_sink_waits_for_room_and_gives_back_what_it_cannot_take() {
 /// rest through `take_unsent`.
 #[test]
 fn a_client_whose_driver_stopped_ends_incoming_and_gives_every_message_back() {
+    use std::future::Future;
     use std::pin::Pin;
     use std::task::{Context, Waker};
 
@@ -405,14 +421,20 @@ fn a_client_whose_driver_stopped_ends_incoming_and_gives_every_message_back() {
         .enable_all()
         .build()
         .unwrap();
-    let (client, mut incoming, awaited, mut sink) = first.block_on(async {
-        let (client, incoming) = builder("ws://127.0.0.1:9/socket".into()).build().unwrap();
+    let (client, mut incoming, awaited, mut sink, mut waiting) = first.block_on(async {
+        let (client, incoming) = builder("ws://127.0.0.1:9/socket".into())
+            .queue_capacity(3)
+            .build()
+            .unwrap();
         client.feed(text("fed")).unwrap();
         let awaited = client.send(text("awaited"));
         let mut sink = client.sink();
         let mut cx = Context::from_waker(Waker::noop());
         assert!(Pin::new(&mut sink).poll_ready(&mut cx).is_ready());
-        (client, incoming, awaited, sink)
+        // The queue is full (the sink holds the last slot): this one waits for room.
+        let mut waiting = client.send_with(|seq| text(&format!("made for {seq}")));
+        assert!(Pin::new(&mut waiting).poll(&mut cx).is_pending());
+        (client, incoming, awaited, sink, waiting)
     });
     // The driver's task goes with its runtime.
     drop(first);
@@ -427,6 +449,12 @@ fn a_client_whose_driver_stopped_ends_incoming_and_gives_every_message_back() {
                 message: Some(message),
             }) => assert_eq!(message, text("awaited")),
             other => panic!("expected the awaited message back, got {other:?}"),
+        }
+        match timeout(Duration::from_secs(2), &mut waiting).await.unwrap() {
+            Err(SendError::Closed {
+                message: Some(message),
+            }) => assert_eq!(message, text("made for 3"), "the number it would have had"),
+            other => panic!("expected the waiting message back, got {other:?}"),
         }
         match Pin::new(&mut sink).start_send(text("sunk")) {
             Err(SendError::Closed {
@@ -920,4 +948,30 @@ async fn concurrent_writers_and_heartbeats_share_the_connection_in_order() {
     let ledger = client.handle().ledger();
     assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
     assert!(client.handle().state().is_connected());
+}
+
+/// The `Debug` output of the client's types shows what a reader of a log needs: the settings,
+/// the read buffer the connector starts with, a future's sequence number.
+#[tokio::test]
+async fn debug_output_shows_the_settings_and_the_state() {
+    let builder = builder("ws://127.0.0.1:9/".into()).queue_capacity(7);
+    let shown = format!("{builder:?}");
+    assert!(
+        shown.contains("capacity: 7") && shown.contains("at_least_once: false"),
+        "{shown}"
+    );
+    let shown = format!("{:?}", WsConnector::new());
+    assert!(shown.contains("read_buffer_size: 4096"), "{shown}");
+    let (client, _incoming) = builder.build().unwrap();
+    let shown = format!("{client:?}");
+    assert!(
+        shown.contains("accepted: 0") && shown.contains("Idle"),
+        "{shown}"
+    );
+    let sending = client.send(text("m"));
+    assert!(format!("{sending:?}").contains("seq: Some(1)"));
+    let permit = client.reserve().await.unwrap();
+    assert!(format!("{permit:?}").starts_with("Permit"));
+    let sink = client.sink();
+    assert!(format!("{sink:?}").contains("ready: false"));
 }

@@ -1165,15 +1165,11 @@ async fn lost_after_acks(client: &WsClient, server: &Mutex<ServerRecord>) -> Vec
     lost()
 }
 
-/// Bug 1: the heartbeat does not notice a half-open connection while a write is blocked.
-///
-/// The connection's loop (`conn::run`) awaits `Shared::drain` (and the ping's `send`) inside
-/// its `select!` arms, holding the sink's lock. While such a write waits for the peer (the link
-/// is held: the window is full), the loop polls nothing else, the pong deadline included. A
-/// chatty client (a message every 2 ms) fills the window about 130 ms into a hold; from then on
-/// it stays `Connected` for the whole hold, however long, instead of failing within
-/// `interval + timeout` (450 ms here). A real socket does the same once its send buffer fills:
-/// the half-open connection is then found only by TCP's own retransmission timeout.
+/// The heartbeat notices a half-open connection while a write is blocked (a regression test:
+/// an earlier client awaited its writes inside the loop that kept the pong deadline, so a
+/// chatty client stayed `Connected` for the whole hold of the link, found only by TCP's own
+/// retransmission timeout). Writes and deadlines now run side by side in the connection's loop:
+/// the failure comes within `interval + timeout` (450 ms here).
 #[test]
 fn heartbeat_notices_a_held_link_under_write_backpressure() {
     const HOLD: Duration = Duration::from_millis(500);
@@ -1218,19 +1214,11 @@ fn heartbeat_notices_a_held_link_under_write_backpressure() {
     }
 }
 
-/// Bug 2: a `send` (or `flush`) future dropped while it writes loses the batch it was writing.
+/// A `send` (or `flush`) future dropped while its message is being written loses nothing (a
+/// regression test: an earlier client wrote from the caller's task and dropped the batch with
+/// the future, so at-least-once could not re-send it and `held` never returned to 0).
 ///
-/// `Shared::drain` takes the queue as a batch, records it in `in_flight`, and awaits the writes.
-/// Dropped at that await (here a `timeout` around `send_with` while the window is full), the
-/// batch is dropped with the future: not re-queued, not kept for acknowledgement, and its
-/// `in_flight` entry stays forever. So, although `send` documents that dropping the future
-/// withdraws nothing:
-/// - at-least-once cannot re-send those messages: after a reconnect they are lost for good;
-/// - `held` never returns to 0 (the queue's capacity shrinks by each lost batch) and
-///   `written_up_to` is pinned below the lost batch: every later `flush()` or awaited `send`
-///   waits forever.
-///
-/// The scenario: no heartbeat (so that bug 1 plays no part); the link is held from 200 ms to
+/// The scenario: no heartbeat (so that the heartbeat plays no part); the link is held from 200 ms to
 /// 1500 ms while a message is sent every 2 ms with a 5 ms timeout; at 2 s the server crashes and
 /// restarts, the client reconnects and re-sends what was not acknowledged.
 #[test]
@@ -1284,14 +1272,10 @@ fn a_dropped_send_future_loses_nothing_under_backpressure() {
     }
 }
 
-/// Bug 3: a `disconnect` while the connection's loop is blocked writing loses the batch it was
-/// writing, and the graceful close loses the next one.
-///
-/// On release the driver drops the monitor future (`conn::run`); its `drain` in progress drops
-/// its batch (and leaves its `in_flight` entry). The teardown's `Drain::Closing` is bounded by
-/// the close step timeout and, the window staying full, drops its batch the same way. After
-/// `connect` again, at-least-once re-sends only what had been written: the rest is lost, and
-/// `held` never returns to 0.
+/// A `disconnect` while the connection's writes are blocked loses nothing (a regression test:
+/// an earlier client dropped the batch being written at the release, and the graceful close
+/// dropped the next). What a release cuts goes back to the queue and is written, in order, on
+/// the next connection.
 ///
 /// The scenario: no heartbeat; the link is held from 100 ms to 1000 ms; 150 messages are fed
 /// from 150 ms, one a millisecond (the window fills after 64); `disconnect()` at 400 ms;
@@ -1301,8 +1285,7 @@ fn a_disconnect_during_a_blocked_write_loses_nothing() {
     blocked_write_then_disconnect(true);
 }
 
-/// The same without acknowledgements: the cut batch's messages were handed to the connection
-/// and kept as bytes; they are rebuilt and written on the next connection.
+/// The same without acknowledgements: the cut batch is written again on the next connection.
 #[test]
 fn a_disconnect_during_a_blocked_write_loses_nothing_without_acknowledgements() {
     blocked_write_then_disconnect(false);

@@ -55,7 +55,12 @@ pub(crate) struct Settings {
     pub(crate) close_step_timeout: Duration,
     pub(crate) reconnect_on_normal_close: bool,
     pub(crate) ack: Option<AckFn>,
+    /// The largest message a connection can take (from the connector's write buffer limits).
+    pub(crate) max_message: usize,
 }
+
+/// The longest header of a client's frame: 2 bytes, 8 of length, 4 of mask.
+const FRAME_HEADER: usize = 14;
 
 type Configure = Box<
     dyn FnOnce(
@@ -106,6 +111,7 @@ impl Default for Settings {
             close_step_timeout: Duration::from_secs(2),
             reconnect_on_normal_close: false,
             ack: None,
+            max_message: usize::MAX,
         }
     }
 }
@@ -179,7 +185,9 @@ impl<B> WsClientBuilder<B> {
 
     /// Pings every `interval`; no pong within `timeout` is a failure of the connection. While
     /// the consumer of [`Incoming`] is behind, the client does not read and the pong deadline
-    /// is paused. Default: every 30 s, 10 s to answer; both must be longer than zero.
+    /// is paused. The ping goes out between two messages, but the peer reads it after what
+    /// was written before it: under a sustained backlog, give `timeout` room for the peer to
+    /// get through it. Default: every 30 s, 10 s to answer; both must be longer than zero.
     pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
         self.settings.heartbeat = Some(Heartbeat { interval, timeout });
         self
@@ -215,8 +223,13 @@ impl<B> WsClientBuilder<B> {
     /// At-least-once delivery: messages stay held until acknowledged, and unacknowledged ones
     /// are re-sent, in order, first thing on the next connection. `ack` reads an incoming
     /// message and returns the highest sequence number it acknowledges (cumulatively: every
-    /// message up to it), or `None`. An acknowledgement of a message not yet written retires
-    /// nothing ([`Stats::acks_ignored`](super::Stats::acks_ignored)). Build messages with
+    /// message up to it), or `None`. A message counts as written once it has been handed to a
+    /// connection's socket: an acknowledgement beyond the last message handed to any
+    /// connection is impossible for an honest peer, retires nothing, and is counted in
+    /// [`Stats::acks_ignored`](super::Stats::acks_ignored). (One within it is taken at its
+    /// word: the client cannot tell a frame the peer received whole from one it did not.) The
+    /// function is the caller's code; a panic in it is a failure of the connection that read
+    /// the message ([`WsError::AckPanicked`]). Build messages with
     /// [`WsClient::send_with`] to put their sequence number on the wire. A `send` resolves
     /// once its message is acknowledged, a `flush` once everything before it is.
     pub fn at_least_once(
@@ -227,7 +240,8 @@ impl<B> WsClientBuilder<B> {
         self
     }
 
-    fn check(&self) -> Result<(), SettingError> {
+    /// Checks every setting; returns the largest message a connection can take.
+    fn check(&self) -> Result<usize, SettingError> {
         let max = Semaphore::MAX_PERMITS;
         for (setting, value) in [
             ("queue_capacity", self.settings.capacity),
@@ -250,12 +264,27 @@ impl<B> WsClientBuilder<B> {
                 if value.is_zero() {
                     return Err(SettingError::ZeroDuration { setting });
                 }
-                if Instant::now().checked_add(value).is_none() {
+                // Twice its length, so that no later reading of the clock overflows with it.
+                let twice = value.checked_mul(2);
+                if twice.is_none_or(|twice| Instant::now().checked_add(twice).is_none()) {
                     return Err(SettingError::DurationTooLong { setting, value });
                 }
             }
         }
-        Ok(())
+        let config = self.connector.config();
+        let (write_buffer_size, max_write_buffer_size) =
+            (config.write_buffer_size, config.max_write_buffer_size);
+        if max_write_buffer_size <= write_buffer_size {
+            return Err(SettingError::WriteBuffer {
+                write_buffer_size,
+                max_write_buffer_size,
+            });
+        }
+        // tungstenite buffers a frame (header included) only while what it holds stays under
+        // the maximum, and it may hold up to `write_buffer_size` before it writes.
+        Ok(max_write_buffer_size
+            .saturating_sub(write_buffer_size)
+            .saturating_sub(FRAME_HEADER))
     }
 
     /// Builds the client and spawns its driver on the current tokio runtime. Nothing connects
@@ -276,33 +305,36 @@ impl<B> WsClientBuilder<B> {
         B::Backoff: Send,
         <B::Backoff as Backoff>::Future: Send + 'static,
     {
-        self.check()?;
+        let max_message = self.check()?;
         endpoint_of(&(self.request)())?;
         let (incoming_tx, incoming_rx) = mpsc::channel(self.incoming_capacity);
         let request = Arc::clone(&self.request);
         let base = (self.configure)(ReconnectLayer::with_target_fn(move || request()));
         let handle = base.handle();
-        let shared = Arc::new(Shared::new(self.settings, Arc::clone(&handle.core().clock)));
+        let settings = Settings {
+            max_message,
+            ..self.settings
+        };
+        let shared = Arc::new(Shared::new(settings, Arc::clone(&handle.core().clock)));
         let monitor = {
             // Dropped with the driver's last copy of this closure: the client closes.
             let alive = Arc::new(Alive(Arc::clone(&shared)));
-            let incoming = incoming_tx.clone();
             move |conn: &WsConn, epoch: Epoch| {
-                Monitor::new(Arc::clone(&alive.0), conn.clone(), epoch, incoming.clone())
+                Monitor::new(Arc::clone(&alive.0), conn.clone(), epoch)
             }
         };
         let teardown = {
             let shared = Arc::clone(&shared);
-            move |conn: WsConn, cause| close(Arc::clone(&shared), conn, cause, incoming_tx.clone())
+            move |conn: WsConn, cause| close(Arc::clone(&shared), conn, cause)
         };
         let layer = base
             .with_backoff(self.backoff)
             .with_teardown(teardown)
             .with_monitor(monitor);
         let wires = Arc::clone(&shared);
-        let connector = self
-            .connector
-            .map_response(move |stream| WsConn::new(Wire::new(stream, Arc::clone(&wires))));
+        let connector = self.connector.map_response(move |stream| {
+            WsConn::new(Wire::new(stream, Arc::clone(&wires), incoming_tx.clone()))
+        });
         let (service, driver) = layer.build(connector);
         drop(service);
         tokio::spawn(driver);

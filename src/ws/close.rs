@@ -20,22 +20,15 @@ use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::{Poll, ready};
 
-use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::conn::WsConn;
-use super::incoming::{Received, Room};
 use super::shared::Shared;
 use crate::teardown::CloseCause;
 
-pub(crate) async fn close(
-    shared: Arc<Shared>,
-    conn: WsConn,
-    cause: CloseCause,
-    incoming: mpsc::Sender<Received>,
-) {
+pub(crate) async fn close(shared: Arc<Shared>, conn: WsConn, cause: CloseCause) {
     let Some(mut wire) = conn.take_wire() else {
         return;
     };
@@ -45,8 +38,11 @@ pub(crate) async fn close(
     match cause {
         CloseCause::Stale => return,
         CloseCause::Failed | CloseCause::Ended => {
+            // Data handed to the socket and not flushed goes again on the next connection:
+            // flushing the reply to a Close would send it on this one too.
+            let clean = wire.is_clean();
             wire.retire();
-            if wire.peer_closed() {
+            if wire.peer_closed() && clean {
                 // tungstenite queued the reply to the peer's Close.
                 let _ = timeout(step, poll_fn(|cx| wire.poll_flush(cx))).await;
             }
@@ -55,6 +51,8 @@ pub(crate) async fn close(
         CloseCause::Disconnect | CloseCause::Suspend | CloseCause::Shutdown => {}
     }
 
+    // Released: it writes what it owes, no more pings.
+    wire.forget_ping();
     let drained = timeout(step, poll_fn(|cx| wire.poll_write(cx, true))).await;
     wire.retire();
     match drained {
@@ -74,20 +72,18 @@ pub(crate) async fn close(
         reason: settings.close_reason.clone().into(),
     });
     let sent = timeout(step, poll_fn(|cx| wire.poll_close(cx, &mut frame))).await;
-    let (Ok(Ok(())), Some(epoch)) = (sent, wire.epoch()) else {
+    if !matches!(sent, Ok(Ok(()))) {
         return;
-    };
+    }
 
-    let mut room = Room::new(incoming);
     let peer = poll_fn(|cx| {
         loop {
-            ready!(room.poll_room(cx));
+            ready!(wire.poll_room(cx));
             match ready!(wire.poll_next(cx)) {
+                // Late data of an installed connection still counts (acks, above all).
                 Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                    // Late data of an installed connection still counts (acks, above all).
-                    shared.received(&message);
-                    if !room.deliver(Received { epoch, message }) {
-                        shared.undelivered();
+                    if wire.deliver(message).is_err() {
+                        return Poll::Ready(());
                     }
                 }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Poll::Ready(()),
@@ -134,23 +130,13 @@ mod tests {
         let (ours, theirs) = tokio::io::duplex(1 << 16);
         let ours = WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, None);
         let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
-        let conn = WsConn::new(Wire::new(ours.await, Arc::clone(&shared)));
-        let (incoming, _rx) = mpsc::channel(1);
+        let (incoming, _rx) = tokio::sync::mpsc::channel(1);
+        let conn = WsConn::new(Wire::new(ours.await, Arc::clone(&shared), incoming));
 
         // Installed, and released before the driver polled its monitor even once.
-        drop(Monitor::new(
-            Arc::clone(&shared),
-            conn.clone(),
-            epoch,
-            incoming.clone(),
-        ));
+        drop(Monitor::new(Arc::clone(&shared), conn.clone(), epoch));
         clock.tick();
-        let closing = tokio::spawn(close(
-            Arc::clone(&shared),
-            conn,
-            CloseCause::Disconnect,
-            incoming,
-        ));
+        let closing = tokio::spawn(close(Arc::clone(&shared), conn, CloseCause::Disconnect));
         let mut seen = Vec::new();
         while let Some(Ok(message)) = peer.next().await {
             match message {
@@ -170,5 +156,31 @@ mod tests {
             .unwrap();
         let stats = shared.stats();
         assert_eq!((stats.written, stats.held), (2, 0));
+    }
+
+    /// A ping the connection owed when it was released is not sent by its close.
+    #[tokio::test]
+    async fn a_ping_owed_at_the_release_is_not_sent() {
+        let clock = Arc::new(Clock::new());
+        let epoch = clock.tick();
+        let settings = Settings {
+            close_step_timeout: Duration::from_secs(1),
+            ..Settings::default()
+        };
+        let shared = Arc::new(Shared::new(settings, Arc::clone(&clock)));
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let ours = WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, None);
+        let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+        let (incoming, _rx) = tokio::sync::mpsc::channel(1);
+        let mut wire = Wire::new(ours.await, Arc::clone(&shared), incoming);
+        wire.install(epoch);
+        wire.owe_ping();
+        let conn = WsConn::new(wire);
+        clock.tick();
+        let closing = tokio::spawn(close(Arc::clone(&shared), conn, CloseCause::Disconnect));
+        let first = peer.next().await.unwrap().unwrap();
+        assert!(matches!(first, Message::Close(_)), "got {first:?}");
+        while let Some(Ok(_)) = peer.next().await {}
+        closing.await.unwrap();
     }
 }

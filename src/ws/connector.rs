@@ -215,10 +215,17 @@ impl WsConnector {
         self
     }
 
-    /// tungstenite's protocol settings (message and frame size limits, write buffer).
+    /// tungstenite's protocol settings (message and frame size limits, write and read
+    /// buffers). They replace the whole configuration, the 4 KiB read buffer of
+    /// [`new`](Self::new) included: set `read_buffer_size` too where memory per connection
+    /// matters.
     pub fn with_config(mut self, config: WebSocketConfig) -> Self {
         self.config = config;
         self
+    }
+
+    pub(crate) fn config(&self) -> &WebSocketConfig {
+        &self.config
     }
 
     /// The rustls client configuration for `wss` (default: the webpki roots).

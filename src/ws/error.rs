@@ -61,6 +61,10 @@ pub enum WsError {
     /// connection half-open.
     #[error("no pong within {0:?}: the peer is unresponsive")]
     HeartbeatTimeout(std::time::Duration),
+    /// The at-least-once acknowledgement function panicked on a message of this connection:
+    /// a failure of the connection.
+    #[error("the acknowledgement function panicked")]
+    AckPanicked,
     /// A setting of [`WsClientBuilder`](super::WsClientBuilder) is out of range; found by
     /// [`build`](super::WsClientBuilder::build).
     #[error("invalid client setting")]
@@ -93,6 +97,18 @@ pub enum SettingError {
     ZeroDuration {
         /// The setting's builder method.
         setting: &'static str,
+    },
+    /// The connector's `WebSocketConfig` has a `max_write_buffer_size` no larger than its
+    /// `write_buffer_size`, which tungstenite refuses.
+    #[error(
+        "max_write_buffer_size ({max_write_buffer_size}) must be larger than \
+         write_buffer_size ({write_buffer_size})"
+    )]
+    WriteBuffer {
+        /// The connector's `write_buffer_size`.
+        write_buffer_size: usize,
+        /// The connector's `max_write_buffer_size`.
+        max_write_buffer_size: usize,
     },
     /// A duration too long to add to a reading of the clock.
     #[error("{setting} of {value:?} is too long to be a deadline")]
@@ -160,6 +176,15 @@ pub enum SendError {
     /// The message is not a data message (text or binary): control frames are the client's.
     #[error("only text and binary messages can be sent")]
     NotData(Message),
+    /// The message is larger than any connection of this client can take: above the
+    /// connector's `max_write_buffer_size`, less its `write_buffer_size` and a frame header.
+    #[error("the message of {} bytes is above the client's limit of {max}", message.len())]
+    TooLarge {
+        /// The message, not sent.
+        message: Message,
+        /// The largest message the client takes, in bytes.
+        max: usize,
+    },
     /// [`WsSink`](super::WsSink) was given a message without a successful `poll_ready` before
     /// it (the `Sink` contract): it has no room reserved for it.
     #[error("`start_send` without a successful `poll_ready` before it")]
@@ -190,10 +215,68 @@ impl SendError {
     pub fn into_message(self) -> Option<Message> {
         match self {
             SendError::Full { message, .. }
+            | SendError::TooLarge { message, .. }
             | SendError::NotData(message)
             | SendError::NotReady(message) => Some(message),
             SendError::Closed { message } => message,
             SendError::Withdrawn { .. } => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_or_an_end_without_close_is_a_drop_and_anything_else_a_transport_error() {
+        use io::ErrorKind::*;
+        for kind in [
+            ConnectionReset,
+            ConnectionAborted,
+            BrokenPipe,
+            UnexpectedEof,
+        ] {
+            let error = tungstenite::Error::Io(io::Error::from(kind));
+            assert!(
+                matches!(WsError::from_transport(error), WsError::Dropped),
+                "{kind:?}"
+            );
+        }
+        let reset = tungstenite::error::ProtocolError::ResetWithoutClosingHandshake;
+        assert!(matches!(
+            WsError::from_transport(tungstenite::Error::Protocol(reset)),
+            WsError::Dropped
+        ));
+        for kind in [TimedOut, PermissionDenied, Other] {
+            let error = tungstenite::Error::Io(io::Error::from(kind));
+            assert!(
+                matches!(WsError::from_transport(error), WsError::Transport(_)),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_send_error_gives_back_the_message_it_carries() {
+        let m = || Message::text("m");
+        let carried = [
+            SendError::Full {
+                message: m(),
+                capacity: 1,
+            },
+            SendError::NotData(m()),
+            SendError::TooLarge {
+                message: m(),
+                max: 0,
+            },
+            SendError::NotReady(m()),
+            SendError::Closed { message: Some(m()) },
+        ];
+        for error in carried {
+            assert_eq!(error.into_message(), Some(m()));
+        }
+        assert_eq!(SendError::Closed { message: None }.into_message(), None);
+        assert_eq!(SendError::Withdrawn { seq: 3 }.into_message(), None);
     }
 }

@@ -9,6 +9,20 @@
 //!   heartbeats, graceful close, and optional at-least-once delivery. [`WsSink`] is the same
 //!   client as a `futures::Sink`.
 //!
+//! What the client promises, and where it is said in full:
+//!
+//! - **Delivery** ([`WsClient`]): a message accepted is written to a connection, in sequence
+//!   order across connections, or given back in an error or by
+//!   [`take_unsent`](WsClient::take_unsent); never dropped silently.
+//! - **One writer per connection**: only the connection's own task writes its socket; a
+//!   release ends its writes at once, and what was not completely written goes back to the
+//!   queue, in order.
+//! - **Backpressure** ([`Incoming`]): a consumer that reads slowly stops the reading, not the
+//!   writing or the heartbeat, and loses nothing.
+//! - **Cancellation** ([`SendFuture`], [`WsClient::reserve`]): what dropping a future means
+//!   before and after its message is accepted.
+//! - **Settings** ([`WsClientBuilder`]): out-of-range values are [`SettingError`]s of `build`.
+//!
 //! ```
 //! use std::time::Duration;
 //! use futures_util::StreamExt;

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -22,7 +21,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use super::builder::Heartbeat;
 use super::conn::WsConn;
 use super::error::WsError;
-use super::incoming::{Received, Room};
 use super::shared::Shared;
 use super::writer::Wire;
 use crate::epoch::Epoch;
@@ -38,7 +36,6 @@ pub(crate) struct Monitor {
     wire: Option<Wire>,
     shared: Arc<Shared>,
     epoch: Epoch,
-    room: Room,
     beat: Option<Beat>,
 }
 
@@ -59,11 +56,10 @@ enum Pong {
     Paused(Duration),
 }
 
-/// `now + by`, or a far deadline where that overflows.
+/// `now + by`. `build` refuses a heartbeat for which twice its length overflows a reading of
+/// the clock, so this cannot overflow in a process younger than the heartbeat itself.
 fn after(by: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(by)
-        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
+    Instant::now() + by
 }
 
 impl Beat {
@@ -117,12 +113,7 @@ impl Beat {
 }
 
 impl Monitor {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        conn: WsConn,
-        epoch: Epoch,
-        incoming: mpsc::Sender<Received>,
-    ) -> Monitor {
+    pub(crate) fn new(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Monitor {
         // Installed now, not at the first poll: a release before that finds it installed.
         conn.install(epoch);
         let beat = shared.settings.heartbeat.map(Beat::new);
@@ -131,7 +122,6 @@ impl Monitor {
             wire: None,
             shared,
             epoch,
-            room: Room::new(incoming),
             beat,
         }
     }
@@ -140,13 +130,9 @@ impl Monitor {
     fn frame(&mut self, message: Message) -> Option<Result<(), BoxError>> {
         match message {
             Message::Text(_) | Message::Binary(_) => {
-                self.shared.received(&message);
-                let received = Received {
-                    epoch: self.epoch,
-                    message,
-                };
-                if !self.room.deliver(received) {
-                    self.shared.undelivered();
+                let wire = self.wire.as_mut().expect("reading with the wire");
+                if let Err(error) = wire.deliver(message) {
+                    return Some(Err(error.into()));
                 }
             }
             Message::Pong(_) => {
@@ -182,16 +168,11 @@ impl Future for Monitor {
         }
         for _ in 0..ROUNDS_PER_POLL {
             let wire = this.wire.as_mut().expect("taken above");
-            let room = this.room.poll_room(cx).is_ready();
-            let mut again = false;
+            let room = wire.poll_room(cx).is_ready();
             if let Some(beat) = &mut this.beat {
                 beat.reading(room);
                 if beat.poll_ping(cx, room) {
                     wire.owe_ping();
-                }
-                if beat.poll_overdue(cx) {
-                    tracing::debug!(epoch = %this.epoch, "no pong in time");
-                    return Poll::Ready(Err(WsError::HeartbeatTimeout(beat.every.timeout).into()));
                 }
             }
             if let Poll::Ready(Err(error)) = wire.poll_write(cx, false) {
@@ -203,16 +184,23 @@ impl Future for Monitor {
                         if let Some(end) = this.frame(message) {
                             return Poll::Ready(end);
                         }
-                        again = true;
+                        // More may be waiting (a pong among them): read on before the
+                        // deadline is looked at.
+                        continue;
                     }
                     Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(error.into())),
                     Poll::Ready(None) => return Poll::Ready(Err(WsError::Dropped.into())),
                     Poll::Pending => {}
                 }
             }
-            if !again {
-                return Poll::Pending;
+            // Everything there was to read has been read: now the deadline means something.
+            if let Some(beat) = &mut this.beat {
+                if beat.poll_overdue(cx) {
+                    tracing::debug!(epoch = %this.epoch, "no pong in time");
+                    return Poll::Ready(Err(WsError::HeartbeatTimeout(beat.every.timeout).into()));
+                }
             }
+            return Poll::Pending;
         }
         cx.waker().wake_by_ref();
         Poll::Pending
@@ -239,5 +227,110 @@ pub(crate) fn peer_closed(
         Ok(())
     } else {
         Err(WsError::PeerClosed { code, reason }.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::*;
+    use crate::epoch::Clock;
+    use crate::ws::BoxIo;
+    use crate::ws::builder::Settings;
+    use crate::ws::writer::Wire;
+
+    fn cx() -> Context<'static> {
+        Context::from_waker(Waker::noop())
+    }
+
+    /// The pong deadline pauses while the connection does not read (no room in `Incoming`) and
+    /// resumes with the time it had left, never firing while paused.
+    #[tokio::test(start_paused = true)]
+    async fn the_pong_deadline_pauses_while_not_reading_and_resumes_with_what_it_had_left() {
+        let second = Duration::from_secs(1);
+        let mut beat = Beat::new(Heartbeat {
+            interval: second,
+            timeout: second,
+        });
+        assert!(!beat.poll_ping(&mut cx(), true), "not yet");
+        tokio::time::advance(second).await;
+        assert!(beat.poll_ping(&mut cx(), true), "due after the interval");
+        assert!(matches!(beat.pong, Pong::Due));
+
+        tokio::time::advance(second / 4).await;
+        beat.reading(false);
+        assert!(matches!(beat.pong, Pong::Paused(left) if left == second * 3 / 4));
+        tokio::time::advance(second * 10).await;
+        assert!(!beat.poll_overdue(&mut cx()), "paused: never overdue");
+
+        beat.reading(true);
+        assert!(matches!(beat.pong, Pong::Due));
+        tokio::time::advance(second / 2).await;
+        assert!(!beat.poll_overdue(&mut cx()), "a quarter of it left");
+        tokio::time::advance(second / 4).await;
+        assert!(
+            beat.poll_overdue(&mut cx()),
+            "overdue once what was left has run out"
+        );
+
+        // A pong clears the deadline; a ping due while not reading starts it paused.
+        beat.pong = Pong::None;
+        assert!(beat.poll_ping(&mut cx(), false));
+        assert!(matches!(beat.pong, Pong::Paused(left) if left == second));
+    }
+
+    /// The driver's task polled late (the runtime stalled past the pong deadline) while the
+    /// pong already waits in the socket: the monitor reads it before it looks at the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_pong_waiting_in_the_socket_after_a_stall_is_no_heartbeat_failure() {
+        let clock = Arc::new(Clock::new());
+        let epoch = clock.tick();
+        let beat = Heartbeat {
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(50),
+        };
+        let settings = Settings {
+            heartbeat: Some(beat),
+            ..Settings::default()
+        };
+        let shared = Arc::new(Shared::new(settings, clock));
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let ours = WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, None);
+        let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+        let (incoming, _rx) = tokio::sync::mpsc::channel(1);
+        let conn = WsConn::new(Wire::new(ours.await, Arc::clone(&shared), incoming));
+        let mut monitor = Monitor::new(shared, conn, epoch);
+
+        assert!(Pin::new(&mut monitor).poll(&mut cx()).is_pending());
+        tokio::time::advance(beat.interval).await;
+        assert!(Pin::new(&mut monitor).poll(&mut cx()).is_pending(), "pings");
+        let ping = peer.next().await.unwrap().unwrap();
+        assert!(ping.is_ping());
+        peer.flush().await.unwrap(); // the pong tungstenite queued
+        // The stall: the deadline passes before the monitor runs again.
+        tokio::time::advance(beat.timeout * 2).await;
+        assert!(
+            Pin::new(&mut monitor).poll(&mut cx()).is_pending(),
+            "the pong was read first: no failure"
+        );
+        // Without a pong, the deadline holds.
+        tokio::time::advance(beat.interval).await;
+        assert!(
+            Pin::new(&mut monitor).poll(&mut cx()).is_pending(),
+            "the next ping"
+        );
+        tokio::time::advance(beat.timeout * 2).await;
+        match Pin::new(&mut monitor).poll(&mut cx()) {
+            Poll::Ready(Err(error)) => assert!(matches!(
+                error.downcast_ref::<WsError>(),
+                Some(WsError::HeartbeatTimeout(_))
+            )),
+            other => panic!("expected a heartbeat failure, got {other:?}"),
+        }
     }
 }

@@ -287,10 +287,15 @@ impl Outbox {
 
     /// The batch in flight was not completely written: it goes back to the front of the
     /// queue, in its order, for the next writer.
-    pub(crate) fn requeue(&mut self, batch: &mut VecDeque<Pending>) {
+    /// What was acknowledged meanwhile (at-least-once) leaves instead, pushed onto `delivered`.
+    pub(crate) fn requeue(&mut self, batch: &mut VecDeque<Pending>, delivered: &mut Vec<Pending>) {
         self.in_flight = None;
         while let Some(pending) = batch.pop_back() {
             self.queue.push_front(pending);
+        }
+        while self.queue.front().is_some_and(|p| p.seq <= self.acked) {
+            let pending = self.queue.pop_front().expect("checked");
+            self.retire_acked(pending, delivered);
         }
     }
 
@@ -341,19 +346,19 @@ impl Outbox {
     }
 
     /// The client has shut down: nothing more is accepted. Every message held whose `send`
-    /// still waits goes back to it (pushed onto `given_back`); the others stay for
+    /// still waits goes back to it (returned, for the caller to settle); the others stay for
     /// [`take_unsent`](Self::take_unsent).
-    pub(crate) fn close(&mut self, given_back: &mut Vec<Pending>) {
+    pub(crate) fn close(&mut self) -> Vec<Pending> {
         self.closed = true;
-        self.give_back_awaited(given_back);
+        self.give_back_awaited()
     }
 
-    /// After the shutdown: messages whose `send` still waits leave for it.
-    pub(crate) fn give_back_awaited(&mut self, given_back: &mut Vec<Pending>) {
+    /// After the shutdown: the messages whose `send` still waits leave for it.
+    pub(crate) fn give_back_awaited(&mut self) -> Vec<Pending> {
+        let mut given_back = Vec::new();
         if !self.closed {
-            return;
+            return given_back;
         }
-        let before = given_back.len();
         for place in [&mut self.unacked, &mut self.queue] {
             let mut kept = VecDeque::with_capacity(place.len());
             for pending in place.drain(..) {
@@ -365,7 +370,8 @@ impl Outbox {
             }
             *place = kept;
         }
-        self.held -= given_back.len() - before;
+        self.held -= given_back.len();
+        given_back
     }
 }
 
@@ -410,7 +416,7 @@ mod tests {
             Take::Batch
         );
         assert_eq!(seqs(&batch), [1, 2, 3]);
-        outbox.requeue(&mut batch);
+        outbox.requeue(&mut batch, &mut Vec::new());
         assert!(outbox.deregister(e(1)));
         assert!(!outbox.deregister(e(1)));
         assert_eq!(
@@ -479,6 +485,36 @@ mod tests {
     }
 
     #[test]
+    fn small_messages_go_in_one_batch_up_to_the_limit_exactly() {
+        let mut outbox = Outbox::default();
+        for _ in 0..1_000 {
+            outbox.push(e(1), Message::text("x".repeat(32)), None);
+        }
+        let half = "y".repeat(BATCH_BYTES / 2);
+        for _ in 0..3 {
+            outbox.push(e(1), Message::text(half.clone()), None);
+        }
+        outbox.register(e(1));
+        let (mut batch, mut delivered) = (VecDeque::new(), Vec::new());
+        outbox.take_batch(Scope::Installed(e(1)), e(1), false, &mut batch);
+        assert_eq!(batch.len(), 1_000 + 1, "32 KB, then the first half fits");
+        outbox.finish(&mut batch, 0, false, &mut delivered);
+        batch.clear();
+        outbox.take_batch(Scope::Installed(e(1)), e(1), false, &mut batch);
+        assert_eq!(batch.len(), 2, "two halves make the limit exactly");
+    }
+
+    #[test]
+    fn skipped_messages_are_not_counted_as_written() {
+        let mut outbox = outbox_with(3, e(1));
+        outbox.register(e(1));
+        let (mut batch, mut delivered) = (VecDeque::new(), Vec::new());
+        outbox.take_batch(Scope::Installed(e(1)), e(1), false, &mut batch);
+        outbox.finish(&mut batch, 1, false, &mut delivered);
+        assert_eq!(outbox.stats.written, 2);
+    }
+
+    #[test]
     fn acknowledgements_are_clamped_to_what_was_fed() {
         let mut outbox = outbox_with(4, e(1));
         outbox.register(e(1));
@@ -537,8 +573,7 @@ mod tests {
         outbox.push(e(1), Message::text("awaited"), Some(tx));
         outbox.push(e(1), Message::text("fed"), None);
         outbox.push(e(1), Message::text("given up"), Some(dropped_tx));
-        let mut given_back = Vec::new();
-        outbox.close(&mut given_back);
+        let given_back = outbox.close();
         assert_eq!(given_back.len(), 1);
         for pending in given_back {
             pending.settle(|message| {

@@ -9,9 +9,18 @@ use tokio::sync::{Notify, Semaphore, SemaphorePermit, TryAcquireError, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::builder::Settings;
-use super::error::SendError;
+use super::error::{SendError, WsError};
 use super::outbox::{Outbox, Pending, Scope, Stats, Take};
 use crate::epoch::{Clock, Epoch};
+
+/// Gives back one slot of room when dropped (unless forgotten).
+struct Refund<'a>(&'a Semaphore);
+
+impl Drop for Refund<'_> {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
+}
 
 /// An accepted message: its sequence number, and its outcome to come if it was awaited.
 pub(crate) type Accepted = (u64, Option<oneshot::Receiver<Result<u64, SendError>>>);
@@ -88,10 +97,17 @@ impl Shared {
         make: impl FnOnce(u64) -> Message,
         awaited: bool,
     ) -> Result<Accepted, SendError> {
+        // Gives the room back if `make` panics (the caller's code).
+        let refund = Refund(&self.room);
         let mut outbox = self.lock();
         let message = make(outbox.next_seq() + 1);
         let refused = if !(message.is_text() || message.is_binary()) {
             SendError::NotData(message)
+        } else if message.len() > self.settings.max_message {
+            SendError::TooLarge {
+                message,
+                max: self.settings.max_message,
+            }
         } else if outbox.is_closed() {
             SendError::Closed {
                 message: Some(message),
@@ -107,13 +123,14 @@ impl Shared {
             let was_empty = outbox.queue_is_empty();
             let seq = outbox.push(self.clock.now(), message, done);
             drop(outbox);
+            std::mem::forget(refund);
             if was_empty {
                 self.work.notify_waiters();
             }
             return Ok((seq, outcome));
         };
         drop(outbox);
-        self.room.add_permits(1);
+        drop(refund);
         Err(refused)
     }
 
@@ -185,12 +202,13 @@ impl Shared {
         if batch.is_empty() {
             return;
         }
-        let mut given_back = Vec::new();
+        let mut delivered = Vec::new();
         let mut outbox = self.lock();
-        outbox.requeue(batch);
-        outbox.give_back_awaited(&mut given_back);
+        outbox.requeue(batch, &mut delivered);
+        let given_back = outbox.give_back_awaited();
         self.publish(&outbox);
         drop(outbox);
+        self.deliver(&mut delivered);
         self.give_back(given_back);
         self.work.notify_waiters();
     }
@@ -210,10 +228,17 @@ impl Shared {
     // ----- reading -----
 
     /// A text or binary message arrived. With at-least-once it may acknowledge earlier sends.
-    pub(crate) fn received(&self, message: &Message) {
+    ///
+    /// The acknowledgement function is the caller's code: a panic in it is a failure of the
+    /// connection that read the message, not of the client.
+    pub(crate) fn received(&self, message: &Message) -> Result<(), WsError> {
         self.received.fetch_add(1, Ordering::Relaxed);
-        let Some(upto) = self.settings.ack.as_ref().and_then(|ack| ack(message)) else {
-            return;
+        let Some(ack) = &self.settings.ack else {
+            return Ok(());
+        };
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ack(message)));
+        let Some(upto) = read.map_err(|_| WsError::AckPanicked)? else {
+            return Ok(());
         };
         let mut delivered = Vec::new();
         let mut outbox = self.lock();
@@ -224,6 +249,7 @@ impl Shared {
         self.publish(&outbox);
         drop(outbox);
         self.deliver(&mut delivered);
+        Ok(())
     }
 
     /// A message arrived while nobody held the `Incoming` stream.
@@ -258,9 +284,8 @@ impl Shared {
     /// The driver has stopped: nothing more is accepted or written. Awaited messages go back
     /// to their senders; waits for room and flushes end.
     pub(crate) fn close(&self) {
-        let mut given_back = Vec::new();
         let mut outbox = self.lock();
-        outbox.close(&mut given_back);
+        let given_back = outbox.close();
         self.room.close();
         self.publish(&outbox);
         drop(outbox);

@@ -18,15 +18,24 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use super::connector::WsStream;
 use super::error::WsError;
+use super::incoming::{Received, Room};
 use super::outbox::{Pending, Scope, Take};
 use super::shared::Shared;
 use crate::epoch::Epoch;
 
+/// How many batches one poll writes before it yields, so that producers that keep the queue
+/// full cannot hold the driver's task (a socket that never blocks, say in memory).
+const BATCHES_PER_POLL: usize = 16;
+
 pub(crate) struct Wire {
     ws: WsStream,
     shared: Arc<Shared>,
-    /// The epoch it was installed at; never set for a connection discarded as stale.
+    /// The epoch it was installed at, set when its monitor is made. (A connection whose
+    /// attempt went stale between the driver's look at the clock and the install may get one
+    /// too; its teardown drops it at once.)
     epoch: Option<Epoch>,
+    /// Its way into `Incoming`, with the message it read and could not deliver yet.
+    room: Room,
     /// Holds a place among the writers: from its install until it owes nothing more.
     writer: bool,
     /// Taken off the queue, being written.
@@ -52,9 +61,14 @@ fn transport(error: tokio_tungstenite::tungstenite::Error) -> WsError {
 }
 
 impl Wire {
-    pub(crate) fn new(ws: WsStream, shared: Arc<Shared>) -> Wire {
+    pub(crate) fn new(
+        ws: WsStream,
+        shared: Arc<Shared>,
+        incoming: tokio::sync::mpsc::Sender<Received>,
+    ) -> Wire {
         Wire {
             ws,
+            room: Room::new(incoming, Arc::clone(&shared)),
             shared,
             epoch: None,
             writer: false,
@@ -79,12 +93,32 @@ impl Wire {
         }
     }
 
-    pub(crate) fn epoch(&self) -> Option<Epoch> {
-        self.epoch
-    }
-
     pub(crate) fn owe_ping(&mut self) {
         self.ping = true;
+    }
+
+    /// The connection was released: a ping it still owes is not sent any more.
+    pub(crate) fn forget_ping(&mut self) {
+        self.ping = false;
+    }
+
+    /// Whether everything handed to the socket has been flushed (no batch in progress).
+    pub(crate) fn is_clean(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Ready once the connection may read the next frame (see [`Room`]).
+    pub(crate) fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.room.poll_room(cx)
+    }
+
+    /// A text or binary message arrived: it may acknowledge earlier sends, then it goes to
+    /// `Incoming` (kept until there is room). Fails if the acknowledgement function panicked.
+    pub(crate) fn deliver(&mut self, message: Message) -> Result<(), WsError> {
+        self.shared.received(&message)?;
+        let epoch = self.epoch.expect("only an installed connection reads");
+        self.room.deliver(Received { epoch, message });
+        Ok(())
     }
 
     pub(crate) fn peer_closed(&self) -> bool {
@@ -100,7 +134,7 @@ impl Wire {
         cx: &mut Context<'_>,
         closing: bool,
     ) -> Poll<Result<(), WsError>> {
-        loop {
+        for _ in 0..BATCHES_PER_POLL {
             if self.ping {
                 ready!(self.ws.poll_ready_unpin(cx)).map_err(transport)?;
                 self.ws
@@ -140,24 +174,35 @@ impl Wire {
                     Take::Done => return Poll::Ready(Ok(())),
                 }
             }
-            let fed = self.fed;
-            let feeding = self.poll_feed(cx);
-            if self.fed > fed {
-                self.shared.fed(self.batch[self.fed - 1].seq);
-            }
-            ready!(feeding)?;
+            ready!(self.poll_feed(cx))?;
             ready!(self.ws.poll_flush_unpin(cx)).map_err(transport)?;
             self.flush = false;
             self.shared
                 .finish(&mut self.batch, self.skipped, &mut self.delivered);
         }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
-    /// Hands the rest of the batch to the socket.
+    /// Hands the rest of the batch to the socket; tells the outbox how far it got, whatever
+    /// happens (acknowledgements beyond that are impossible).
     fn poll_feed(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        let mut last = None;
+        let fed = self.poll_feed_from(cx, &mut last);
+        if let Some(seq) = last {
+            self.shared.fed(seq);
+        }
+        fed
+    }
+
+    fn poll_feed_from(
+        &mut self,
+        cx: &mut Context<'_>,
+        last: &mut Option<u64>,
+    ) -> Poll<Result<(), WsError>> {
         let at_least_once = self.shared.at_least_once();
         while let Some(pending) = self.batch.get(self.fed) {
-            if at_least_once && pending.writes > 0 && self.shared.is_acked(pending.seq) {
+            if at_least_once && self.shared.is_acked(pending.seq) {
                 // Acknowledged while it waited to go again: not written twice.
                 self.fed += 1;
                 self.skipped += 1;
@@ -165,8 +210,10 @@ impl Wire {
             }
             ready!(self.ws.poll_ready_unpin(cx)).map_err(transport)?;
             let message = pending.message.clone();
+            let seq = pending.seq;
             self.ws.start_send_unpin(message).map_err(transport)?;
             self.fed += 1;
+            *last = Some(seq);
         }
         Poll::Ready(Ok(()))
     }
@@ -227,5 +274,103 @@ impl Wire {
 impl Drop for Wire {
     fn drop(&mut self) {
         self.retire();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::task::Waker;
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+    use super::*;
+    use crate::epoch::Clock;
+    use crate::ws::BoxIo;
+    use crate::ws::builder::Settings;
+
+    async fn pair(
+        pipe: usize,
+        config: WebSocketConfig,
+    ) -> (WsStream, WebSocketStream<tokio::io::DuplexStream>) {
+        let (ours, theirs) = tokio::io::duplex(pipe);
+        let ours =
+            WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, Some(config));
+        let theirs = WebSocketStream::from_raw_socket(theirs, Role::Server, None);
+        (ours.await, theirs.await)
+    }
+
+    /// At-least-once: a message written to a connection that ended goes again on the next, but
+    /// not if its acknowledgement arrives before the next connection gets to it.
+    #[tokio::test]
+    async fn a_message_acknowledged_while_it_waits_to_go_again_is_not_written_twice() {
+        let clock = Arc::new(Clock::new());
+        let first = clock.tick();
+        let ack = |m: &Message| m.to_text().ok()?.strip_prefix("ack:")?.parse().ok();
+        let settings = Settings {
+            ack: Some(Arc::new(ack)),
+            ..Settings::default()
+        };
+        let shared = Arc::new(Shared::new(settings, Arc::clone(&clock)));
+        for n in 1..=2 {
+            shared.try_reserve().unwrap();
+            let text = format!("{n}|{}", "x".repeat(200));
+            shared.accept(|_| Message::text(text), false).unwrap();
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+
+        // The first connection writes both; they wait for acknowledgements it never sends.
+        let (stream, mut peer) = pair(1 << 16, WebSocketConfig::default()).await;
+        let (incoming, _rx) = tokio::sync::mpsc::channel(1);
+        let mut a = Wire::new(stream, Arc::clone(&shared), incoming.clone());
+        a.install(first);
+        assert!(
+            a.poll_write(&mut cx, false).is_pending(),
+            "written; waits for more"
+        );
+        for _ in 1..=2 {
+            assert!(peer.next().await.unwrap().unwrap().is_text());
+        }
+        assert_eq!(shared.stats().written, 2);
+        drop(a); // the connection ends
+
+        // The next one takes both again; its socket takes only part of the first.
+        let second = clock.tick();
+        let unbuffered = WebSocketConfig::default().write_buffer_size(0);
+        let (stream, mut peer) = pair(64, unbuffered).await;
+        let mut b = Wire::new(stream, Arc::clone(&shared), incoming);
+        b.install(second);
+        assert!(
+            b.poll_write(&mut cx, false).is_pending(),
+            "blocked on the socket"
+        );
+        // The old connection's acknowledgement of both arrives late: message 1 is already on
+        // its way again, message 2 not yet.
+        shared.received(&Message::text("ack:2")).unwrap();
+
+        let reading = tokio::spawn(async move { peer.next().await.unwrap().unwrap() });
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            poll_fn(|cx| match b.poll_write(cx, false) {
+                Poll::Pending if shared.stats().held == 0 => Poll::Ready(()),
+                _ => Poll::Pending,
+            }),
+        )
+        .await
+        .expect("the write completes");
+        let again = reading.await.unwrap();
+        assert!(
+            again.to_text().unwrap().starts_with("1|"),
+            "message 1 went again"
+        );
+        let stats = shared.stats();
+        assert_eq!(
+            (stats.written, stats.acknowledged, stats.held),
+            (3, 2, 0),
+            "message 2 is not written a second time: {stats:?}"
+        );
     }
 }

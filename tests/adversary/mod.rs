@@ -37,6 +37,8 @@ pub struct Conn {
     pub tags: Vec<String>,
     /// Pings received.
     pub pings: usize,
+    /// Pongs received (answers to pings the peer sent).
+    pub pongs: usize,
     /// The code of the client's Close, if one arrived.
     pub close: Option<u16>,
     /// The socket reached its end (EOF, reset, or a completed close).
@@ -242,6 +244,7 @@ impl Peer {
                     }
                 }
                 Message::Ping(_) => self.conns.send_modify(|c| c[n].pings += 1),
+                Message::Pong(_) => self.conns.send_modify(|c| c[n].pongs += 1),
                 Message::Close(frame) => {
                     let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005);
                     self.conns.send_modify(|c| c[n].close = Some(code));
