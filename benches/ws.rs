@@ -9,10 +9,10 @@
 //! read path to both sides and only blur the difference).
 //!
 //! Why a separate thread: on a shared runtime the server's work would be timed too, and unevenly.
-//! The server reads when the sender yields, which tokio's cooperative budget decides; the client
-//! spends about two budget units per awaited send (its sink lock and the socket) against one for
-//! raw, so the server would read twice as often for it, and every read of tungstenite 0.30 zeroes
-//! up to 128 KiB of read buffer. With its own thread, the server's cost is not on the measured
+//! The server reads when the sender yields, which tokio's cooperative budget decides, and the
+//! two sides yield at different points (the client hands each message to its connection's task),
+//! so the server would read at a different rate for each, and every read of tungstenite 0.30
+//! zeroes up to 128 KiB of read buffer. With its own thread, the server's cost is not on the measured
 //! thread. The price is scheduler noise: on a busy machine an awaited send may have to wake the
 //! server's thread on the sender's CPU, which can move both sides from about 2.5 us to about 5.5
 //! us per message between runs; compare the two sides within one run, and run it more than once.
@@ -24,7 +24,8 @@
 //! - `raw`: `tokio_tungstenite::client_async` over a `tokio::net::TcpStream` with `TCP_NODELAY`,
 //!   used as a plain `Sink` (not split);
 //! - `ws_client`: [`WsClient`] built with `no_heartbeat()`, connected through its handle
-//!   before measuring (its driver and monitor run on the same runtime).
+//!   before measuring (its driver and monitor, which write the socket, run on the same
+//!   runtime).
 //!
 //! Two groups on loopback, one per mode, in `Throughput::Elements` (messages):
 //!
