@@ -23,8 +23,6 @@
 //!
 //! Run with `cargo bench --bench idle`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -38,44 +36,15 @@ use tower::service_fn;
 use tower_epoch::ReconnectLayer;
 use tower_epoch::ws::WsClient;
 
+#[path = "support/alloc.rs"]
+mod alloc;
+
+use alloc::live;
+
 /// Connections open at once in each sample.
 const CONNECTIONS: usize = 1_000;
 /// Bound on every wait.
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The system allocator, counting the live bytes of each thread.
-struct Counting;
-
-thread_local! {
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-}
-
-// SAFETY: forwards to the system allocator unchanged; the count is a thread-local `Cell` with
-// a const initializer, which neither allocates nor reenters the allocator.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.with(|live| live.set(live.get() + layout.size() as isize));
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.with(|live| live.set(live.get() - layout.size() as isize));
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.with(|live| live.set(live.get() + new_size as isize - layout.size() as isize));
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-fn live() -> isize {
-    LIVE.with(Cell::get)
-}
 
 fn runtime() -> Runtime {
     Builder::new_current_thread()

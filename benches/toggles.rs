@@ -16,6 +16,12 @@
 //!   effect before it installs that connection), and the burst ends only once the state is
 //!   idle and every opened connection is closed.
 //!
+//! Then, once, the memory under a toggle storm with a slow connector: 10,000 toggles per second
+//! for 20 s of paused tokio time, each attempt taking the whole 10 s connect timeout, with the
+//! live heap of the bench thread printed every 5 s (a counting allocator). The driver keeps
+//! only the newest few attempts in flight and drops the stale ones, so the heap stays flat; the
+//! bench panics if it grows by more than 64 KiB between 5 s and 20 s.
+//!
 //! After the measured run the ledger of each runtime must balance (`opened == installed +
 //! discarded`, `closed == opened`, nothing installed), or the bench panics.
 //!
@@ -39,6 +45,9 @@ const WAIT: Duration = Duration::from_secs(5);
 
 /// connect/disconnect pairs per burst.
 const BURST: u64 = 1_000;
+
+#[path = "support/alloc.rs"]
+mod alloc;
 
 /// A runtime with a managed connection whose driver runs on it.
 struct Rig {
@@ -192,5 +201,64 @@ fn toggles(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, toggles);
+/// 10,000 toggles per second for 20 s with a connector that takes the whole connect timeout;
+/// prints the live heap every 5 s and panics unless it stays flat.
+fn memory_under_a_toggle_storm() {
+    const PER_SECOND: u32 = 10_000;
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    let rt = Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("build the runtime");
+    let samples = rt.block_on(async {
+        let base = alloc::live();
+        let layer = ReconnectLayer::new(()).with_connect_timeout(CONNECT_TIMEOUT);
+        let handle = layer.handle();
+        let conn = service_fn(|x: u64| async move { Ok::<_, Infallible>(x + 1) });
+        let connector = service_fn(move |(): ()| async move {
+            tokio::time::sleep(CONNECT_TIMEOUT).await;
+            Ok::<_, Infallible>(conn)
+        });
+        drop(layer.layer(connector));
+        let step = Duration::from_secs(1) / PER_SECOND;
+        let mut samples = Vec::new();
+        for second in 1..=20u32 {
+            for i in 0..PER_SECOND {
+                if i % 2 == 0 {
+                    handle.connect().expect("the driver is running");
+                } else {
+                    drop(handle.disconnect());
+                }
+                tokio::task::yield_now().await;
+                tokio::time::advance(step).await;
+            }
+            if second % 5 == 0 {
+                samples.push((second, alloc::live() - base, handle.ledger()));
+            }
+        }
+        samples
+    });
+    for (second, heap, ledger) in &samples {
+        eprintln!(
+            "toggles/memory: after {second:>2} s: live heap {:.1} KiB; attempts {}, cancelled {}, failures {}",
+            *heap as f64 / 1024.0,
+            ledger.attempts,
+            ledger.cancelled,
+            ledger.failures,
+        );
+    }
+    let (_, at_5s, _) = samples[0];
+    let (_, at_20s, _) = samples[samples.len() - 1];
+    assert!(
+        at_20s - at_5s <= 64 * 1024,
+        "the heap grew under toggles: {at_5s} B at 5 s, {at_20s} B at 20 s"
+    );
+}
+
+fn storm(_: &mut Criterion) {
+    memory_under_a_toggle_storm();
+}
+
+criterion_group!(benches, toggles, storm);
 criterion_main!(benches);

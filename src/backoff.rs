@@ -6,8 +6,12 @@
 //! peer that accepts and then drops at once does not cause a reconnect storm.
 //!
 //! Two makers ship with the crate:
-//! - [`default_backoff`]: tower's jittered [`ExponentialBackoffMaker`] from 100 ms to 30 s,
-//!   the default of [`ReconnectLayer`](crate::ReconnectLayer);
+//! - [`Exponential`]: exponential backoff with *full jitter* (each delay uniformly random
+//!   between zero and a ceiling that doubles), the default of
+//!   [`ReconnectLayer`](crate::ReconnectLayer) through [`default_backoff`] (ceilings 1 s,
+//!   2 s, 4 s, ... up to 30 s). Full jitter spreads a herd: when a server drops 1,000 clients
+//!   at once, their first retries are spread over a whole second, not bunched in one window;
+//!   tower's `ExponentialBackoffMaker`, which adds jitter on top of a fixed delay, does not;
 //! - [`Schedule`]: a fixed list of delays that repeats its last entry, like Phoenix's
 //!   `reconnectAfterMs`, with optional jitter ([`Schedule::phoenix`] is Phoenix's own list).
 //!
@@ -26,19 +30,100 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower::retry::backoff::{Backoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::retry::backoff::{Backoff, MakeBackoff};
 use tower::util::rng::{HasherRng, Rng};
 
-/// The default backoff: tower's [`ExponentialBackoffMaker`], 100 ms doubling to 30 s, with up to
-/// 50% random jitter added to each delay.
-pub fn default_backoff() -> ExponentialBackoffMaker {
-    ExponentialBackoffMaker::new(
-        Duration::from_millis(100),
-        Duration::from_secs(30),
-        0.5,
-        HasherRng::default(),
-    )
-    .expect("constant backoff parameters are valid")
+/// The default backoff: [`Exponential`] with full jitter, ceilings from 1 s doubling to 30 s.
+///
+/// The first retry comes after half a second on average (between 0 and 1 s): the price of a
+/// spread herd. For a quicker first retry of a single client, choose
+/// [`Schedule::phoenix`] or an [`Exponential`] with a smaller first ceiling.
+pub fn default_backoff() -> Exponential {
+    Exponential::new(Duration::from_secs(1), Duration::from_secs(30))
+        .expect("constant backoff parameters are valid")
+}
+
+/// The error of [`Exponential::new`]: the first ceiling must be positive and at most the
+/// largest one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid exponential backoff: first ceiling {first:?}, largest {max:?} (need 0 < first <= max)"
+)]
+pub struct InvalidBackoff {
+    /// The first ceiling given.
+    pub first: Duration,
+    /// The largest ceiling given.
+    pub max: Duration,
+}
+
+/// Exponential backoff with full jitter (the AWS architecture note "Exponential Backoff And
+/// Jitter"): retry `n` (from 0) waits a delay drawn uniformly from `0..=min(max, first × 2ⁿ)`.
+///
+/// Implements [`MakeBackoff`]; its timers are `tokio::time::Sleep`, so the published
+/// [`State::WaitingToRetry`](crate::State::WaitingToRetry) carries the delay.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_epoch::backoff::Exponential;
+///
+/// let backoff = Exponential::new(Duration::from_millis(200), Duration::from_secs(10))?;
+/// # drop(backoff);
+/// # Ok::<(), tower_epoch::backoff::InvalidBackoff>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Exponential {
+    first: Duration,
+    max: Duration,
+}
+
+impl Exponential {
+    /// Ceilings from `first`, doubling up to `max`.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidBackoff`] unless `0 < first <= max`.
+    pub fn new(first: Duration, max: Duration) -> Result<Self, InvalidBackoff> {
+        if first.is_zero() || first > max {
+            return Err(InvalidBackoff { first, max });
+        }
+        Ok(Exponential { first, max })
+    }
+
+    /// The ceiling of retry `n` (from 0): `min(max, first × 2ⁿ)`.
+    pub fn ceiling(&self, n: u32) -> Duration {
+        let factor = 1u32.checked_shl(n).unwrap_or(u32::MAX);
+        self.first.saturating_mul(factor).min(self.max)
+    }
+}
+
+impl MakeBackoff for Exponential {
+    type Backoff = ExponentialBackoff;
+
+    fn make_backoff(&mut self) -> ExponentialBackoff {
+        ExponentialBackoff {
+            params: self.clone(),
+            next: 0,
+            rng: HasherRng::default(),
+        }
+    }
+}
+
+/// One session of an [`Exponential`] backoff.
+#[derive(Debug, Clone)]
+pub struct ExponentialBackoff {
+    params: Exponential,
+    next: u32,
+    rng: HasherRng,
+}
+
+impl Backoff for ExponentialBackoff {
+    type Future = tokio::time::Sleep;
+
+    fn next_backoff(&mut self) -> tokio::time::Sleep {
+        let ceiling = self.params.ceiling(self.next);
+        self.next = self.next.saturating_add(1);
+        tokio::time::sleep(ceiling.mul_f64(self.rng.next_f64()))
+    }
 }
 
 /// The error of [`Schedule::new`]: a schedule needs at least one delay.
@@ -216,11 +301,39 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn default_backoff_grows() {
-        let mut retry = Sessions::new(default_backoff());
-        let first = retry.next().1.unwrap();
-        let second = retry.next().1.unwrap();
-        assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(150));
-        assert!(second >= Duration::from_millis(200) && second <= Duration::from_millis(300));
+    async fn full_jitter_stays_under_a_doubling_ceiling() {
+        let backoff = default_backoff();
+        let ceilings: Vec<_> = (0..7).map(|n| backoff.ceiling(n).as_secs()).collect();
+        assert_eq!(ceilings, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(backoff.ceiling(u32::MAX), Duration::from_secs(30));
+        let mut retry = Sessions::new(backoff);
+        let mut below_half = 0;
+        for _ in 0..200 {
+            retry.reset();
+            let first = retry.next().1.unwrap();
+            let second = retry.next().1.unwrap();
+            assert!(first <= Duration::from_secs(1), "{first:?}");
+            assert!(second <= Duration::from_secs(2), "{second:?}");
+            below_half += u32::from(first < Duration::from_millis(500));
+        }
+        // Uniform over the whole range, not a fixed delay plus a little jitter.
+        assert!(
+            (50..=150).contains(&below_half),
+            "{below_half} of 200 below 500 ms"
+        );
+    }
+
+    #[test]
+    fn exponential_refuses_a_zero_or_inverted_range() {
+        let s = Duration::from_secs;
+        assert!(Exponential::new(Duration::ZERO, s(1)).is_err());
+        assert_eq!(
+            Exponential::new(s(2), s(1)).unwrap_err(),
+            InvalidBackoff {
+                first: s(2),
+                max: s(1)
+            }
+        );
+        assert!(Exponential::new(s(1), s(1)).is_ok());
     }
 }

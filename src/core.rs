@@ -1,36 +1,39 @@
-//! The state machine shared by the handle, the services and the driver.
+//! [`Core`]: the state shared by the handles, the services and the driver of one managed
+//! connection, around the [`Machine`].
 //!
-//! Every transition happens synchronously under one mutex, at the moment the operation is called;
-//! the driver only performs the I/O the transitions ask for ([`Effect`]s) and reports the outcome
-//! back through the same transitions. The machine is not generic: the installed connection is
-//! kept type-erased, so [`Handle`](crate::Handle) needs no type parameters.
+//! Every operation is one [`Machine::step`] under the machine's lock, at the moment it is
+//! called; the core then carries out the effects that move connections (into the slot, out of
+//! it to teardown) and publishes what the machine decided, in one place: the state (a `watch`),
+//! the epoch of the installed connection (the request path's one atomic load), the wake-up of
+//! the services that wait. Work for the driver goes into a queue it drains.
 //!
-//! Invariant: a connection is installed only if its attempt's epoch is the clock's current value,
-//! and any tick (disconnect, suspend, a new attempt) first releases it. So while a connection is
-//! installed, `installed == clock`.
+//! No code of the user runs under the machine's lock: the connection is cloned under the
+//! slot's own lock, and wakers are woken, the connector, the teardown, the monitor and the
+//! backoff are called after the lock is released.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
-use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
 
 use tokio::sync::{Notify, oneshot, watch};
 
-use crate::backoff::{Retry, Timer};
 use crate::epoch::{Clock, Epoch};
-use crate::error::{Error, SharedError};
+use crate::error::Error;
+use crate::machine::{Effect, Event, Machine, Policy, Reply};
 use crate::state::{Ledger, State};
 use crate::teardown::CloseCause;
 
 /// A connection in the slot or on its way to teardown, type-erased.
 pub(crate) type AnyConn = Box<dyn Any + Send>;
 
-/// I/O the driver must perform on behalf of a transition.
-pub(crate) enum Effect {
+/// Work the driver must do about a transition.
+pub(crate) enum Work {
     /// Call the connector for an attempt of this epoch.
-    Attempt { epoch: Epoch },
+    Attempt(Epoch),
+    /// Start the monitor of the connection installed at this epoch.
+    Watch(Epoch),
     /// Close this connection (exactly once), then resolve `done`.
     Close {
         epoch: Epoch,
@@ -38,57 +41,49 @@ pub(crate) enum Effect {
         cause: CloseCause,
         done: Option<oneshot::Sender<()>>,
     },
-    /// Wait for `timer`, then report [`Core::timer_fired`] with `epoch`.
-    Retry { epoch: Epoch, timer: Timer },
-    /// Start the stable-period timer for the connection installed at `epoch`.
-    Stable { epoch: Epoch },
+    /// Arm a backoff timer for the retry of this epoch.
+    Retry(Epoch),
+    /// Start a new backoff session.
+    ResetBackoff,
+    /// Arm the stable-period timer of the connection installed at this epoch.
+    Stable(Epoch),
+    /// Start nothing more: every user is gone.
+    Stop,
 }
 
-/// Settings the machine needs, fixed when the layer is applied.
-pub(crate) struct MachineConfig {
-    pub(crate) retry: Box<dyn Retry>,
-    pub(crate) max_attempts: Option<NonZeroU32>,
+/// The machine and what only moves with it.
+struct Locked {
+    machine: Machine,
+    /// Connections an attempt produced, between the driver's report and the machine's verdict.
+    opened: Option<(Epoch, AnyConn)>,
+    /// A scratch buffer for the effects of one step.
+    effects: Vec<Effect>,
 }
 
-struct Machine {
-    state: State,
-    slot: Option<(Epoch, AnyConn)>,
-    /// Attempts started in the current backoff session.
-    attempt: u32,
-    /// Teardowns queued or running.
-    closing: usize,
-    retry: Option<Box<dyn Retry>>,
-    max_attempts: Option<NonZeroU32>,
-    effects: VecDeque<Effect>,
-    waiters: HashMap<u64, Waker>,
-    ledger: Ledger,
-}
-
-impl Machine {
-    /// Starts a new backoff session: the attempt count and the delays begin again.
-    fn reset_backoff(&mut self) {
-        self.attempt = 0;
-        if let Some(retry) = self.retry.as_mut() {
-            retry.reset();
-        }
-    }
-}
-
-/// Shared by every handle, service clone and the driver of one managed connection.
 pub(crate) struct Core {
     id: u64,
     pub(crate) clock: Arc<Clock>,
     /// Epoch of the installed connection, 0 when none: the request path's one-load check.
     installed: AtomicU64,
-    machine: Mutex<Machine>,
-    state_tx: watch::Sender<State>,
+    locked: Mutex<Locked>,
+    /// The installed connection, apart from the machine: cloning it runs the connection's
+    /// own `Clone`.
+    slot: Mutex<Option<(Epoch, AnyConn)>>,
+    work: Mutex<VecDeque<Work>>,
     wake_driver: Notify,
+    /// Services waiting for a connection, by their id.
+    waiters: Mutex<HashMap<u64, Waker>>,
+    state_tx: watch::Sender<State>,
     users: AtomicUsize,
-    claimed: AtomicBool,
     next_waiter: AtomicU64,
-    /// The driver's runtime: backoff timers are made in it, whichever thread reports a failure.
-    runtime: OnceLock<tokio::runtime::Handle>,
+    /// Classifies errors as permanent; set when the layer is applied.
+    is_permanent: Mutex<Option<IsPermanent>>,
 }
+
+/// Whether an error is permanent: the predicate of
+/// [`ReconnectLayer::with_permanent_error`](crate::ReconnectLayer::with_permanent_error).
+pub(crate) type IsPermanent =
+    Arc<dyn Fn(&(dyn std::error::Error + Send + Sync + 'static)) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,55 +119,142 @@ pub(crate) enum Checkout<C> {
     Wait,
 }
 
+/// The lock is never held across user code, so a poisoned one only means that another
+/// thread panicked in the crate's own code between two consistent states: go on.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Core {
-    pub(crate) fn new() -> Arc<Core> {
+    pub(crate) fn new(policy: Policy) -> Arc<Core> {
         static IDS: AtomicU64 = AtomicU64::new(1);
-        let (state_tx, _) = watch::channel(State::Idle);
+        let clock = Arc::new(Clock::new());
         Arc::new(Core {
             id: IDS.fetch_add(1, Ordering::Relaxed),
-            clock: Arc::new(Clock::new()),
             installed: AtomicU64::new(0),
-            machine: Mutex::new(Machine {
-                state: State::Idle,
-                slot: None,
-                attempt: 0,
-                closing: 0,
-                retry: None,
-                max_attempts: None,
-                effects: VecDeque::new(),
-                waiters: HashMap::new(),
-                ledger: Ledger::default(),
+            locked: Mutex::new(Locked {
+                machine: Machine::new(Arc::clone(&clock), policy),
+                opened: None,
+                effects: Vec::new(),
             }),
-            state_tx,
+            clock,
+            slot: Mutex::new(None),
+            work: Mutex::new(VecDeque::new()),
             wake_driver: Notify::new(),
+            waiters: Mutex::new(HashMap::new()),
+            state_tx: watch::Sender::new(State::Idle),
             users: AtomicUsize::new(0),
-            claimed: AtomicBool::new(false),
             next_waiter: AtomicU64::new(1),
-            runtime: OnceLock::new(),
+            is_permanent: Mutex::new(None),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Machine> {
-        // A panic while holding the lock cannot leave the machine half-updated in a way that
-        // matters more than stopping: keep going with the data as it is.
-        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    /// Sets the policies of the layer being applied to this core.
+    pub(crate) fn configure(&self, policy: Policy, is_permanent: Option<IsPermanent>) {
+        lock(&self.locked).machine.set_policy(policy);
+        *lock(&self.is_permanent) = is_permanent;
     }
 
-    /// Attaches the driver's settings; panics if the layer was already applied.
-    pub(crate) fn claim(&self, config: MachineConfig) {
-        assert!(
-            !self.claimed.swap(true, Ordering::AcqRel),
-            "ReconnectLayer applied twice: one layer manages one connection, \
-             create a new ReconnectLayer for each connector"
-        );
-        let mut m = self.lock();
-        m.retry = Some(config.retry);
-        m.max_attempts = config.max_attempts;
+    /// Whether `error` is permanent, by the layer's predicate (run outside every lock; a
+    /// panicking predicate classifies nothing as permanent).
+    fn is_permanent(&self, error: &Error) -> bool {
+        let Some(is_permanent) = lock(&self.is_permanent).clone() else {
+            return false;
+        };
+        let cause: &(dyn std::error::Error + Send + Sync + 'static) = match error {
+            Error::Connect(cause) | Error::ConnectionFailed(cause) => &**cause,
+            other => other,
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| is_permanent(cause)))
+            .unwrap_or(false)
     }
 
-    /// Called by the driver when it starts: the runtime its timers live in.
-    pub(crate) fn set_runtime(&self, runtime: tokio::runtime::Handle) {
-        let _ = self.runtime.set(runtime);
+    /// One step of the machine, its effects carried out. Returns the machine's reply and,
+    /// for a disconnect that released a connection, the receiver its teardown resolves.
+    fn apply(&self, event: Event) -> (Reply, Option<oneshot::Receiver<()>>) {
+        let mut wake = false;
+        let mut done = None;
+        let mut work = Vec::new();
+        let reply = {
+            let mut locked = lock(&self.locked);
+            let Locked {
+                machine,
+                opened,
+                effects,
+            } = &mut *locked;
+            tracing::trace!(?event, epoch = %machine.now(), "step");
+            let before = machine.state().clone();
+            let reply = machine.step(event, effects);
+            for effect in effects.drain(..) {
+                match effect {
+                    Effect::Attempt(epoch) => work.push(Work::Attempt(epoch)),
+                    Effect::Install(epoch) => {
+                        let conn = opened.take().filter(|(e, _)| *e == epoch);
+                        let (_, conn) = conn.expect("installed what the attempt opened");
+                        *lock(&self.slot) = Some((epoch, conn));
+                        self.installed.store(epoch.get(), Ordering::Release);
+                        work.push(Work::Watch(epoch));
+                    }
+                    Effect::Discard(epoch) => {
+                        let (_, conn) = opened.take().expect("discarded what the attempt opened");
+                        work.push(Work::Close {
+                            epoch,
+                            conn,
+                            cause: CloseCause::Stale,
+                            done: None,
+                        });
+                    }
+                    Effect::Release {
+                        epoch,
+                        cause,
+                        notify,
+                    } => {
+                        self.installed.store(0, Ordering::Release);
+                        let (_, conn) = lock(&self.slot)
+                            .take()
+                            .filter(|(e, _)| *e == epoch)
+                            .expect("released the installed connection");
+                        let tx = notify.then(|| {
+                            let (tx, rx) = oneshot::channel();
+                            done = Some(rx);
+                            tx
+                        });
+                        work.push(Work::Close {
+                            epoch,
+                            conn,
+                            cause,
+                            done: tx,
+                        });
+                    }
+                    Effect::Retry(epoch) => work.push(Work::Retry(epoch)),
+                    Effect::ResetBackoff => work.push(Work::ResetBackoff),
+                    Effect::Stable(epoch) => work.push(Work::Stable(epoch)),
+                    Effect::Stop => work.push(Work::Stop),
+                    Effect::Wake => wake = true,
+                }
+            }
+            let after = machine.state();
+            if !same_state(&before, after) {
+                tracing::debug!(epoch = %machine.now(), from = %before, to = %after, "transition");
+                self.state_tx.send_replace(after.clone());
+            }
+            reply
+        };
+        if !work.is_empty() {
+            lock(&self.work).extend(work);
+            self.wake_driver.notify_one();
+        }
+        if wake {
+            self.wake_waiters();
+        }
+        (reply, done)
+    }
+
+    fn wake_waiters(&self) {
+        let waiters: Vec<Waker> = lock(&self.waiters).drain().map(|(_, w)| w).collect();
+        for waker in waiters {
+            waker.wake();
+        }
     }
 
     // ----- users and liveness -----
@@ -215,108 +297,70 @@ impl Core {
     }
 
     pub(crate) fn ledger(&self) -> Ledger {
-        self.lock().ledger
+        lock(&self.locked).machine.ledger()
     }
 
+    /// The installed connection, cloned, if it is a `C`.
     pub(crate) fn installed_conn<C: Clone + 'static>(&self) -> Option<(Epoch, C)> {
-        let m = self.lock();
-        m.slot
-            .as_ref()
-            .map(|(e, c)| (*e, downcast_ref::<C>(c).clone()))
+        let slot = lock(&self.slot);
+        let (epoch, conn) = slot.as_ref()?;
+        conn.downcast_ref::<C>().map(|c| (*epoch, c.clone()))
     }
 
     // ----- handle operations -----
 
     pub(crate) fn connect(&self) -> Result<Epoch, Error> {
-        let mut m = self.lock();
-        match &m.state {
-            State::Shutdown => Err(Error::Shutdown),
-            s if s.is_active() => {
-                tracing::trace!(epoch = %self.clock.now(), "connect: already active, no-op");
-                Ok(self.clock.now())
-            }
-            _ => {
-                m.reset_backoff();
-                Ok(self.start_attempt(&mut m))
-            }
+        match self.apply(Event::Connect).0 {
+            Reply::Epoch(epoch) => epoch,
+            reply => unreachable!("connect replies with an epoch, not {reply:?}"),
         }
     }
 
     pub(crate) fn disconnect(&self) -> Option<oneshot::Receiver<()>> {
-        let mut m = self.lock();
-        if matches!(m.state, State::Shutdown) {
-            return None;
-        }
-        self.release(&mut m, CloseCause::Disconnect)
+        self.apply(Event::Disconnect).1
     }
 
     pub(crate) fn suspend(&self) -> Option<ResumeToken> {
-        let mut m = self.lock();
-        if !m.state.is_active() {
-            tracing::debug!(epoch = %self.clock.now(), "suspend: intent is not connected, no token");
-            return None;
+        match self.apply(Event::Suspend).0 {
+            Reply::Token(epoch) => epoch.map(|epoch| ResumeToken {
+                core: self.id,
+                epoch,
+            }),
+            reply => unreachable!("suspend replies with a token, not {reply:?}"),
         }
-        self.release(&mut m, CloseCause::Suspend);
-        Some(ResumeToken {
-            core: self.id,
-            epoch: self.clock.now(),
-        })
     }
 
     pub(crate) fn resume(&self, token: ResumeToken) -> Result<Epoch, Error> {
         if token.core != self.id {
             return Err(Error::ForeignToken);
         }
-        let mut m = self.lock();
-        if matches!(m.state, State::Shutdown) {
-            return Err(Error::Shutdown);
+        match self.apply(Event::Resume { token: token.epoch }).0 {
+            Reply::Epoch(epoch) => epoch,
+            reply => unreachable!("resume replies with an epoch, not {reply:?}"),
         }
-        let now = self.clock.now();
-        if now != token.epoch {
-            tracing::debug!(epoch = %now, token = %token.epoch, "resume: stale token, no reconnect");
-            return Err(Error::StaleResume {
-                token: token.epoch,
-                now,
-            });
-        }
-        m.reset_backoff();
-        Ok(self.start_attempt(&mut m))
     }
 
-    /// A failure of the connection installed at `epoch` (rule 3: ignored unless it is installed).
+    pub(crate) fn reconnect_now(&self) -> bool {
+        self.took(Event::ReconnectNow)
+    }
+
+    /// A failure of the connection installed at `epoch` (rule 3: ignored unless installed).
     pub(crate) fn report_failure(&self, epoch: Epoch, error: Error) -> bool {
-        let error = SharedError::new(error);
-        let mut m = self.lock();
-        match m.slot.take_if(|(e, _)| *e == epoch) {
-            Some((_, conn)) => {
-                self.installed.store(0, Ordering::Release);
-                m.ledger.failures += 1;
-                tracing::debug!(%epoch, %error, "installed connection failed");
-                self.queue_close(&mut m, epoch, conn, CloseCause::Failed, None);
-                self.schedule_retry(&mut m, epoch, error);
-                Self::wake_waiters(&mut m);
-                true
-            }
-            None => {
-                m.ledger.ignored += 1;
-                tracing::debug!(%epoch, now = %self.clock.now(), %error, "stale failure report ignored");
-                false
-            }
-        }
+        let permanent = self.is_permanent(&error);
+        self.took(Event::Failed {
+            epoch,
+            error: crate::error::SharedError::new(error),
+            permanent,
+        })
     }
 
-    /// The peer ended the connection installed at `epoch` normally: release it, no reconnect.
-    pub(crate) fn report_closed(&self, epoch: Epoch) -> bool {
-        let mut m = self.lock();
-        if m.slot.as_ref().is_some_and(|(e, _)| *e == epoch) {
-            tracing::debug!(%epoch, "installed connection ended by the peer");
-            self.release(&mut m, CloseCause::Ended);
-            true
-        } else {
-            m.ledger.ignored += 1;
-            tracing::debug!(%epoch, now = %self.clock.now(), "stale close report ignored");
-            false
-        }
+    /// The peer ended the connection installed at `epoch` normally.
+    pub(crate) fn report_ended(&self, epoch: Epoch) -> bool {
+        self.took(Event::Ended { epoch })
+    }
+
+    fn took(&self, event: Event) -> bool {
+        matches!(self.apply(event).0, Reply::Took(true))
     }
 
     // ----- request path -----
@@ -327,272 +371,141 @@ impl Core {
         cx: &mut Context<'_>,
         fail_fast: bool,
     ) -> Result<Checkout<C>, Error> {
-        let mut m = self.lock();
-        if let Some((epoch, conn)) = &m.slot {
-            return Ok(Checkout::Installed(*epoch, downcast_ref::<C>(conn).clone()));
+        if !fail_fast {
+            // Before the look, so that an install after it wakes us.
+            self.register_waiter(waiter, cx);
         }
-        match &m.state {
-            State::Shutdown => return Err(Error::Shutdown),
+        if let Some((epoch, conn)) = self.installed_conn::<C>() {
+            return Ok(Checkout::Installed(epoch, conn));
+        }
+        match &*self.state_tx.borrow() {
+            State::Shutdown => Err(Error::Shutdown),
             State::GaveUp {
                 attempts,
                 last_error,
-            } => {
-                return Err(Error::GaveUp {
-                    attempts: *attempts,
-                    last_error: last_error.clone(),
-                });
-            }
-            _ if fail_fast => return Err(Error::NotConnected),
-            _ => {}
+            } => Err(Error::GaveUp {
+                attempts: *attempts,
+                last_error: last_error.clone(),
+            }),
+            State::Refused { last_error } => Err(Error::Refused(last_error.clone())),
+            _ if fail_fast => Err(Error::NotConnected),
+            _ => Ok(Checkout::Wait),
         }
-        Self::register(&mut m, waiter, cx);
-        Ok(Checkout::Wait)
     }
 
     /// Wakes `cx` at the next install, release or terminal state.
     pub(crate) fn register_waiter(&self, waiter: u64, cx: &mut Context<'_>) {
-        Self::register(&mut self.lock(), waiter, cx);
-    }
-
-    pub(crate) fn forget_waiter(&self, waiter: u64) {
-        self.lock().waiters.remove(&waiter);
-    }
-
-    fn register(m: &mut Machine, waiter: u64, cx: &mut Context<'_>) {
-        match m.waiters.get_mut(&waiter) {
+        let mut waiters = lock(&self.waiters);
+        match waiters.get_mut(&waiter) {
             Some(w) if w.will_wake(cx.waker()) => {}
             Some(w) => w.clone_from(cx.waker()),
             None => {
-                m.waiters.insert(waiter, cx.waker().clone());
+                waiters.insert(waiter, cx.waker().clone());
             }
         }
+    }
+
+    pub(crate) fn forget_waiter(&self, waiter: u64) {
+        lock(&self.waiters).remove(&waiter);
     }
 
     // ----- driver operations -----
 
-    pub(crate) fn take_effects(&self) -> VecDeque<Effect> {
-        std::mem::take(&mut self.lock().effects)
+    pub(crate) fn take_work(&self) -> VecDeque<Work> {
+        std::mem::take(&mut *lock(&self.work))
     }
 
-    /// Called before the connector is called: false if the attempt went stale while queued.
-    pub(crate) fn attempt_started(&self, epoch: Epoch) -> bool {
-        let mut m = self.lock();
-        if self.clock.is_current(epoch) {
-            m.ledger.attempts += 1;
-            tracing::debug!(%epoch, attempt = m.attempt, "connect attempt started");
-            true
-        } else {
-            tracing::trace!(%epoch, "queued attempt went stale before it started");
-            false
+    /// Called before the connector is called: false if the attempt went stale meanwhile.
+    pub(crate) fn attempt_starting(&self, epoch: Epoch) -> bool {
+        self.took(Event::AttemptStarting { epoch })
+    }
+
+    /// The attempt of `epoch` produced `conn`: installed if still current, else handed to
+    /// teardown (rule 1). Returns whether it was installed.
+    pub(crate) fn opened(&self, epoch: Epoch, conn: AnyConn) -> bool {
+        lock(&self.locked).opened = Some((epoch, conn));
+        self.took(Event::Opened { epoch })
+    }
+
+    pub(crate) fn attempt_failed(&self, epoch: Epoch, error: Error) {
+        let permanent = self.is_permanent(&error);
+        self.apply(Event::AttemptFailed {
+            epoch,
+            error: crate::error::SharedError::new(error),
+            permanent,
+        });
+    }
+
+    pub(crate) fn attempt_cancelled(&self, epoch: Epoch) {
+        tracing::trace!(%epoch, "stale attempt dropped");
+        self.apply(Event::AttemptCancelled);
+    }
+
+    /// Runs `f` on the connection installed at `epoch`, if it still is (under the slot's
+    /// lock, not the machine's).
+    pub(crate) fn with_installed<R>(
+        &self,
+        epoch: Epoch,
+        f: impl FnOnce(&AnyConn) -> R,
+    ) -> Option<R> {
+        let slot = lock(&self.slot);
+        match &*slot {
+            Some((e, conn)) if *e == epoch => Some(f(conn)),
+            _ => None,
         }
     }
 
-    /// Returns whether the connection was installed.
-    pub(crate) fn attempt_done(&self, epoch: Epoch, outcome: Result<AnyConn, Error>) -> bool {
-        let mut m = self.lock();
-        let current = self.clock.is_current(epoch);
-        match outcome {
-            Ok(conn) if current => {
-                m.ledger.opened += 1;
-                m.ledger.installed += 1;
-                m.slot = Some((epoch, conn));
-                self.installed.store(epoch.get(), Ordering::Release);
-                m.effects.push_back(Effect::Stable { epoch });
-                self.set_state(&mut m, State::Connected { epoch });
-                Self::wake_waiters(&mut m);
-                return true;
-            }
-            Ok(conn) => {
-                // Rule 1: a stale connect is closed, never installed.
-                m.ledger.opened += 1;
-                m.ledger.discarded += 1;
-                tracing::debug!(%epoch, now = %self.clock.now(), "stale connection discarded");
-                self.queue_close(&mut m, epoch, conn, CloseCause::Stale, None);
-            }
-            Err(error) if current => {
-                m.ledger.failures += 1;
-                tracing::debug!(%epoch, %error, "connect attempt failed");
-                self.schedule_retry(&mut m, epoch, SharedError::new(error));
-            }
-            Err(error) => {
-                m.ledger.ignored += 1;
-                tracing::debug!(%epoch, %error, "stale attempt failure ignored");
-            }
-        }
-        false
-    }
-
-    pub(crate) fn teardown_done(&self, epoch: Epoch, timed_out: bool) {
-        let mut m = self.lock();
-        m.ledger.closed += 1;
-        m.closing -= 1;
-        if timed_out {
-            m.ledger.close_timeouts += 1;
-            tracing::warn!(%epoch, "close timed out; connection dropped");
-        } else {
-            tracing::debug!(%epoch, "connection closed");
-        }
-        // Rule 2: the teardown always closed its own connection; it changes shared state only
-        // if nothing happened since the disconnect that released it.
-        if let State::Disconnecting { epoch: released } = m.state {
-            if m.closing == 0 && self.clock.is_current(released) {
-                self.set_state(&mut m, State::Idle);
-            }
-        }
+    pub(crate) fn retry_armed(&self, epoch: Epoch, delay: Option<std::time::Duration>) {
+        self.apply(Event::RetryArmed { epoch, delay });
     }
 
     pub(crate) fn timer_fired(&self, epoch: Epoch) {
-        let mut m = self.lock();
-        // Rule 4: a stale timer does nothing.
-        let current = self.clock.is_current(epoch)
-            && matches!(m.state, State::WaitingToRetry { epoch: e, .. } if e == epoch);
-        if current {
-            self.start_attempt(&mut m);
-        } else {
-            m.ledger.ignored += 1;
-            tracing::debug!(%epoch, now = %self.clock.now(), "stale backoff timer ignored");
-        }
+        self.apply(Event::TimerFired { epoch });
     }
 
     pub(crate) fn stable(&self, epoch: Epoch) {
-        let mut m = self.lock();
-        if self.is_installed(epoch) {
-            tracing::debug!(%epoch, "connection stable; backoff reset");
-            m.reset_backoff();
-        }
+        self.apply(Event::Stable { epoch });
+    }
+
+    pub(crate) fn closed(&self, epoch: Epoch, timed_out: bool) {
+        tracing::trace!(%epoch, timed_out, "teardown done");
+        self.apply(Event::Closed { timed_out });
     }
 
     /// Every user is gone: release what is installed so the driver can close it and stop.
     pub(crate) fn begin_shutdown(&self) {
-        let mut m = self.lock();
-        self.release(&mut m, CloseCause::Shutdown);
+        self.apply(Event::Shutdown);
     }
 
-    /// The driver has stopped: terminal state; whatever is left is dropped.
+    /// The driver has stopped: terminal state; whatever it held is dropped with it.
     pub(crate) fn stopped(&self) {
-        let mut m = self.lock();
-        self.clock.tick();
+        self.apply(Event::Stopped);
         self.installed.store(0, Ordering::Release);
-        let dropped = usize::from(m.slot.take().is_some())
-            + m.effects
-                .drain(..)
-                .filter(|e| matches!(e, Effect::Close { .. }))
-                .count();
-        m.ledger.closed += dropped as u64;
-        self.set_state(&mut m, State::Shutdown);
-        Self::wake_waiters(&mut m);
-    }
-
-    // ----- transitions -----
-
-    fn start_attempt(&self, m: &mut Machine) -> Epoch {
-        let epoch = self.clock.tick();
-        m.attempt += 1;
-        m.effects.push_back(Effect::Attempt { epoch });
-        self.set_state(
-            m,
-            State::Connecting {
-                epoch,
-                attempt: m.attempt,
-            },
-        );
-        self.wake_driver.notify_one();
-        epoch
-    }
-
-    /// Disconnect and suspend: tick, release the slot to teardown.
-    fn release(&self, m: &mut Machine, cause: CloseCause) -> Option<oneshot::Receiver<()>> {
-        let epoch = self.clock.tick();
-        let released = m.slot.take();
-        self.installed.store(0, Ordering::Release);
-        let released_epoch = released.as_ref().map(|(e, _)| *e);
-        let waiter = released.map(|(conn_epoch, conn)| {
-            let (tx, rx) = oneshot::channel();
-            self.queue_close(m, conn_epoch, conn, cause, Some(tx));
-            rx
-        });
-        let next = if m.closing > 0 {
-            State::Disconnecting { epoch }
-        } else {
-            State::Idle
-        };
-        tracing::debug!(%epoch, %cause, released = ?released_epoch, "released");
-        self.set_state(m, next);
-        Self::wake_waiters(m);
-        waiter
-    }
-
-    fn queue_close(
-        &self,
-        m: &mut Machine,
-        epoch: Epoch,
-        conn: AnyConn,
-        cause: CloseCause,
-        done: Option<oneshot::Sender<()>>,
-    ) {
-        m.closing += 1;
-        m.effects.push_back(Effect::Close {
-            epoch,
-            conn,
-            cause,
-            done,
-        });
-        self.wake_driver.notify_one();
-    }
-
-    fn schedule_retry(&self, m: &mut Machine, epoch: Epoch, last_error: SharedError) {
-        if let Some(max) = m.max_attempts {
-            if m.attempt >= max.get() {
-                tracing::warn!(%epoch, attempts = m.attempt, %last_error, "giving up");
-                let attempts = m.attempt;
-                m.reset_backoff();
-                self.set_state(
-                    m,
-                    State::GaveUp {
-                        attempts,
-                        last_error,
-                    },
-                );
-                Self::wake_waiters(m);
-                return;
-            }
-        }
-        // A failure may be reported from any thread: make the timer in the driver's runtime.
-        let _runtime = self.runtime.get().map(|rt| rt.enter());
-        let (timer, delay) = m
-            .retry
-            .as_mut()
-            .expect("attempts start only after the layer was applied")
-            .next();
-        m.effects.push_back(Effect::Retry { epoch, timer });
-        self.set_state(
-            m,
-            State::WaitingToRetry {
-                epoch,
-                attempt: m.attempt + 1,
-                delay,
-                last_error,
-            },
-        );
-        self.wake_driver.notify_one();
-    }
-
-    fn set_state(&self, m: &mut Machine, next: State) {
-        tracing::debug!(epoch = %self.clock.now(), from = %m.state, to = %next, "transition");
-        m.state = next.clone();
-        self.state_tx.send_replace(next);
-    }
-
-    fn wake_waiters(m: &mut Machine) {
-        for (_, waker) in m.waiters.drain() {
-            waker.wake();
-        }
+        let dropped = lock(&self.slot).take();
+        let queued = self.take_work();
+        drop((dropped, queued));
     }
 }
 
-fn downcast_ref<C: 'static>(conn: &AnyConn) -> &C {
-    conn.downcast_ref::<C>()
-        .expect("the slot only ever holds the driver's connection type")
+/// Whether two states are the same for subscribers (the errors they carry are compared by
+/// identity, not by value).
+fn same_state(a: &State, b: &State) -> bool {
+    match (a, b) {
+        (State::Idle, State::Idle) | (State::Shutdown, State::Shutdown) => true,
+        (
+            State::Connecting {
+                epoch: a,
+                attempt: n,
+            },
+            State::Connecting {
+                epoch: b,
+                attempt: m,
+            },
+        ) => a == b && n == m,
+        (State::Connected { epoch: a }, State::Connected { epoch: b })
+        | (State::Disconnecting { epoch: a }, State::Disconnecting { epoch: b }) => a == b,
+        _ => false,
+    }
 }
 
 pub(crate) fn downcast<C: 'static>(conn: AnyConn) -> C {

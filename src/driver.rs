@@ -1,19 +1,27 @@
 //! The [`Driver`]: the background task that performs the lifecycle's I/O.
+//!
+//! It carries out the work the core queues (attempts, teardowns, monitors, timers) and reports
+//! each outcome back to the core. Every piece of user code it runs (the connector's readiness,
+//! its call and its future, the target function, the teardown, the monitor, the backoff, the
+//! permanent-error predicate) runs outside any lock and under `catch_unwind`: a panic is a
+//! failure of that attempt or connection ([`Error::Panicked`]), and the driver goes on.
 
 use std::fmt;
 use std::future::{Future, poll_fn};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::oneshot;
-use tokio::time::{Sleep, sleep, timeout};
+use tokio::time::{Instant, Sleep, sleep, sleep_until, timeout, timeout_at};
 use tower_service::Service;
 
-use crate::backoff::Timer;
-use crate::core::{AnyConn, Core, Effect, downcast};
+use crate::backoff::{Retry, Timer};
+use crate::core::{AnyConn, Core, Work, downcast};
 use crate::epoch::Epoch;
 use crate::error::{BoxError, Error, SharedError};
 use crate::teardown::{Monitor, Teardown};
@@ -32,7 +40,8 @@ use crate::teardown::{Monitor, Teardown};
 ///
 /// If the driver is dropped before it completes, the connection becomes
 /// [`State::Shutdown`](crate::State::Shutdown): services fail with
-/// [`Error::Shutdown`](crate::Error::Shutdown) and whatever was open is dropped.
+/// [`Error::Shutdown`](crate::Error::Shutdown), whatever was open is dropped, and the ledger
+/// counts it closed.
 #[must_use = "the driver does nothing unless polled or spawned"]
 pub struct Driver {
     inner: Pin<Box<dyn Future<Output = ()> + Send>>,
@@ -69,21 +78,30 @@ pub(crate) struct Parts<M, T, D, W> {
     pub(crate) target: Arc<dyn Fn() -> T + Send + Sync>,
     pub(crate) teardown: D,
     pub(crate) monitor: W,
+    pub(crate) retry: Box<dyn Retry>,
     pub(crate) timeouts: Timeouts,
+}
+
+/// The bounds a driver needs of the connector, the teardown and the monitor.
+pub(crate) trait Parted<T>:
+    Service<T, Response: Send + 'static, Error: Into<BoxError>, Future: Send + 'static> + Send + 'static
+{
+}
+
+impl<M, T> Parted<T> for M where
+    M: Service<T, Response: Send + 'static, Error: Into<BoxError>, Future: Send + 'static>
+        + Send
+        + 'static
+{
 }
 
 impl Driver {
     pub(crate) fn new<M, T, D, W>(parts: Parts<M, T, D, W>) -> Driver
     where
-        M: Service<T> + Send + 'static,
-        M::Response: Send + 'static,
-        M::Error: Into<BoxError>,
-        M::Future: Send + 'static,
+        M: Parted<T>,
         T: 'static,
-        D: Teardown<M::Response> + Send + 'static,
-        D::Future: Send + 'static,
-        W: Monitor<M::Response> + Send + 'static,
-        W::Future: Send + 'static,
+        D: Teardown<M::Response, Future: Send + 'static> + Send + 'static,
+        W: Monitor<M::Response, Future: Send + 'static> + Send + 'static,
     {
         Driver {
             _stop: StopGuard(Arc::clone(&parts.core)),
@@ -102,22 +120,47 @@ impl Drop for StopGuard {
 }
 
 type Boxed<O> = Pin<Box<dyn Future<Output = O> + Send>>;
-/// An attempt's epoch and what it produced.
-type AttemptOutcome<C> = (Epoch, Result<C, Error>);
-/// A teardown's connection epoch, whether it was cut at the close timeout, and its waiter.
-type CloseOutcome = (Epoch, bool, Option<oneshot::Sender<()>>);
+
+/// An attempt in flight: its epoch and the connector's future, bounded by the connect timeout.
+type Attempting<C> = (Epoch, Boxed<Result<C, Error>>);
+
+/// What a teardown reports: the epoch, whether it was cut at the close timeout, and the
+/// `disconnect()` waiting for it.
+type Closed = (Epoch, bool, Option<oneshot::Sender<()>>);
+
+/// Attempts kept in flight at most: the current one and a few stale ones, which may still
+/// produce a connection to close (rule 1). Older stale ones are dropped, so that a storm of
+/// toggles with a slow connector holds bounded memory.
+const IN_FLIGHT: usize = 4;
+
+/// The timer a panicking backoff is replaced with.
+const BACKOFF_FALLBACK: Duration = Duration::from_secs(1);
+
+/// What a panic says, for the error that reports it.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string())
+}
+
+fn panicked(what: &'static str, panic: &(dyn std::any::Any + Send)) -> Error {
+    let message = panic_message(panic);
+    tracing::warn!(what, %message, "user code panicked");
+    Error::Panicked { what, message }
+}
+
+fn shared(error: impl Into<BoxError>) -> SharedError {
+    SharedError::from(error.into())
+}
 
 async fn run<M, T, D, W>(parts: Parts<M, T, D, W>)
 where
-    M: Service<T> + Send + 'static,
-    M::Response: Send + 'static,
-    M::Error: Into<BoxError>,
-    M::Future: Send + 'static,
+    M: Parted<T>,
     T: 'static,
-    D: Teardown<M::Response> + Send + 'static,
-    D::Future: Send + 'static,
-    W: Monitor<M::Response> + Send + 'static,
-    W::Future: Send + 'static,
+    D: Teardown<M::Response, Future: Send + 'static> + Send + 'static,
+    W: Monitor<M::Response, Future: Send + 'static> + Send + 'static,
 {
     let Parts {
         core,
@@ -125,28 +168,25 @@ where
         target,
         mut teardown,
         mut monitor,
+        mut retry,
         timeouts,
     } = parts;
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        core.set_runtime(runtime);
-    }
 
-    let mut attempts: FuturesUnordered<Boxed<AttemptOutcome<M::Response>>> =
-        FuturesUnordered::new();
-    let mut closes: FuturesUnordered<Boxed<CloseOutcome>> = FuturesUnordered::new();
-    // The watch over the installed connection (there is at most one).
-    let mut watching: Option<(Epoch, Boxed<Result<(), BoxError>>)> = None;
-    // The attempt waiting for the connector to be ready; a newer one replaces it.
-    let mut queued: Option<Epoch> = None;
+    let mut attempts: Vec<Attempting<M::Response>> = Vec::new();
+    let mut closes: FuturesUnordered<Boxed<Closed>> = FuturesUnordered::new();
+    // The monitor of the installed connection (there is at most one).
+    let mut watching: Option<(Epoch, Boxed<Result<(), Error>>)> = None;
+    // The attempt waiting for the connector to be ready, with its deadline.
+    let mut queued: Option<(Epoch, Pin<Box<Sleep>>)> = None;
     // A newer timer always belongs to a newer epoch, so one slot each is enough.
-    let mut retry: Option<(Epoch, Timer)> = None;
+    let mut backoff: Option<(Epoch, Timer)> = None;
     let mut stable: Option<(Epoch, Pin<Box<Sleep>>)> = None;
-    let mut shutting_down = false;
+    let mut stopping = false;
 
     loop {
-        for effect in core.take_effects() {
-            match effect {
-                Effect::Close {
+        for work in core.take_work() {
+            match work {
+                Work::Close {
                     epoch,
                     conn,
                     cause,
@@ -155,81 +195,163 @@ where
                     if watching.as_ref().is_some_and(|(e, _)| *e == epoch) {
                         watching = None;
                     }
-                    let close = teardown.teardown(downcast::<M::Response>(conn), cause);
+                    let conn = downcast::<M::Response>(conn);
+                    let close = catch_unwind(AssertUnwindSafe(|| teardown.teardown(conn, cause)));
                     let bound = timeouts.close;
                     closes.push(Box::pin(async move {
-                        let timed_out = timeout(bound, close).await.is_err();
+                        let timed_out = match close {
+                            Ok(close) => {
+                                let closed = AssertUnwindSafe(close).catch_unwind();
+                                match timeout(bound, closed).await {
+                                    Ok(Ok(())) => false,
+                                    // The connection went with the unwinding: closed.
+                                    Ok(Err(panic)) => {
+                                        panicked("teardown", &*panic);
+                                        false
+                                    }
+                                    Err(_) => true,
+                                }
+                            }
+                            Err(panic) => {
+                                panicked("teardown", &*panic);
+                                false
+                            }
+                        };
                         (epoch, timed_out, done)
                     }));
                 }
-                _ if shutting_down => {}
-                Effect::Attempt { epoch } => queued = Some(epoch),
-                Effect::Retry { epoch, timer } => retry = Some((epoch, timer)),
-                Effect::Stable { epoch } => {
+                Work::Watch(epoch) => {
+                    let started = core.with_installed(epoch, |conn| {
+                        let conn = conn
+                            .downcast_ref::<M::Response>()
+                            .expect("the slot holds the connector's connections");
+                        catch_unwind(AssertUnwindSafe(|| monitor.monitor(conn, epoch)))
+                    });
+                    watching = match started {
+                        Some(Ok(watch)) => {
+                            let watch =
+                                AssertUnwindSafe(watch)
+                                    .catch_unwind()
+                                    .map(|ended| match ended {
+                                        Ok(Ok(())) => Ok(()),
+                                        Ok(Err(error)) => Err(Error::connection_failed(error)),
+                                        Err(panic) => Err(panicked("monitor", &*panic)),
+                                    });
+                            Some((epoch, Box::pin(watch)))
+                        }
+                        Some(Err(panic)) => {
+                            let error = panicked("monitor", &*panic);
+                            Some((epoch, Box::pin(std::future::ready(Err(error)))))
+                        }
+                        None => None,
+                    };
+                }
+                _ if stopping => {}
+                Work::Stop => {
+                    stopping = true;
+                    queued = None;
+                    backoff = None;
+                    stable = None;
+                    watching = None;
+                    // Dropping an attempt cancels it before it produced a connection.
+                    for (epoch, _) in attempts.drain(..) {
+                        core.attempt_cancelled(epoch);
+                    }
+                }
+                Work::Attempt(epoch) => {
+                    // The connect timeout runs from now: readiness and call alike.
+                    let deadline = Instant::now() + timeouts.connect;
+                    queued = Some((epoch, Box::pin(sleep_until(deadline))));
+                }
+                Work::Retry(epoch) => {
+                    let (timer, delay) = match catch_unwind(AssertUnwindSafe(|| retry.next())) {
+                        Ok(next) => next,
+                        Err(panic) => {
+                            panicked("backoff", &*panic);
+                            retry.reset();
+                            (
+                                Box::pin(sleep(BACKOFF_FALLBACK)) as Timer,
+                                Some(BACKOFF_FALLBACK),
+                            )
+                        }
+                    };
+                    backoff = Some((epoch, timer));
+                    core.retry_armed(epoch, delay);
+                }
+                Work::ResetBackoff => retry.reset(),
+                Work::Stable(epoch) => {
                     stable = Some((epoch, Box::pin(sleep(timeouts.stable))));
                 }
             }
         }
 
-        if !shutting_down && core.users() == 0 {
+        if !stopping && core.users() == 0 {
             tracing::debug!(epoch = %core.clock.now(), "every handle and service dropped; shutting down");
-            shutting_down = true;
-            queued = None;
-            retry = None;
-            stable = None;
-            watching = None;
-            // Dropping an attempt cancels it before it produced a connection.
-            attempts = FuturesUnordered::new();
             core.begin_shutdown();
             continue;
         }
-        if shutting_down && closes.is_empty() {
+        if stopping && closes.is_empty() {
             return;
         }
 
         tokio::select! {
             biased;
-            Some((epoch, outcome)) = attempts.next(), if !attempts.is_empty() => {
-                // Only for a connection about to be installed (its epoch still current).
-                let watch = match &outcome {
-                    Ok(conn) if core.clock.is_current(epoch) => Some(monitor.monitor(conn, epoch)),
-                    _ => None,
-                };
-                let outcome = outcome.map(|conn| Box::new(conn) as AnyConn);
-                if core.attempt_done(epoch, outcome) {
-                    watching = watch.map(|w| (epoch, Box::pin(w) as Boxed<_>));
+            (epoch, outcome) = poll_fn(|cx| poll_attempts(&mut attempts, cx)), if !attempts.is_empty() => {
+                match outcome {
+                    Ok(conn) => {
+                        core.opened(epoch, Box::new(conn) as AnyConn);
+                    }
+                    Err(error) => core.attempt_failed(epoch, error),
                 }
             }
             Some((epoch, timed_out, done)) = closes.next(), if !closes.is_empty() => {
-                core.teardown_done(epoch, timed_out);
+                core.closed(epoch, timed_out);
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
             }
-            ready = poll_fn(|cx| make.poll_ready(cx)), if queued.is_some() => {
-                let epoch = queued.take().expect("guarded by the branch condition");
-                if core.attempt_started(epoch) {
-                    match ready {
-                        Ok(()) => {
-                            let connecting = make.call(target());
-                            let bound = timeouts.connect;
-                            attempts.push(Box::pin(async move {
-                                let outcome = match timeout(bound, connecting).await {
-                                    Ok(Ok(conn)) => Ok(conn),
-                                    Ok(Err(error)) => Err(Error::Connect(shared(error))),
-                                    Err(_) => Err(Error::ConnectTimeout(bound)),
-                                };
-                                (epoch, outcome)
-                            }));
+            ready = poll_fn(|cx| poll_connector(&mut make, &mut queued, timeouts.connect, cx)), if queued.is_some() => {
+                let (epoch, deadline) = queued.take().expect("guarded by the branch condition");
+                match ready {
+                    Ok(()) if core.attempt_starting(epoch) => {
+                        let called = catch_unwind(AssertUnwindSafe(|| make.call(target())));
+                        let connecting: Boxed<Result<M::Response, Error>> = match called {
+                            Ok(connecting) => {
+                                let deadline = deadline.deadline();
+                                let bound = timeouts.connect;
+                                Box::pin(async move {
+                                    match timeout_at(deadline, AssertUnwindSafe(connecting).catch_unwind()).await {
+                                        Ok(Ok(Ok(conn))) => Ok(conn),
+                                        Ok(Ok(Err(error))) => Err(Error::Connect(shared(error))),
+                                        Ok(Err(panic)) => Err(panicked("connector", &*panic)),
+                                        Err(_) => Err(Error::ConnectTimeout(bound)),
+                                    }
+                                })
+                            }
+                            Err(panic) => {
+                                let error = panicked("connector", &*panic);
+                                Box::pin(std::future::ready(Err(error)))
+                            }
+                        };
+                        if attempts.len() >= IN_FLIGHT {
+                            // The oldest is stale: only the newest attempt can be current.
+                            let (stale, _) = attempts.remove(0);
+                            core.attempt_cancelled(stale);
                         }
-                        Err(error) => {
-                            core.attempt_done(epoch, Err(Error::Connect(shared(error))));
+                        attempts.push((epoch, connecting));
+                    }
+                    // Went stale while it waited for readiness: nothing was started.
+                    Ok(()) => {}
+                    Err(error) => {
+                        // Readiness is the attempt's too: it fails (or times out) as one.
+                        if core.attempt_starting(epoch) {
+                            core.attempt_failed(epoch, error);
                         }
                     }
                 }
             }
-            () = async { retry.as_mut().expect("guarded").1.as_mut().await }, if retry.is_some() => {
-                let (epoch, _) = retry.take().expect("guarded by the branch condition");
+            () = async { backoff.as_mut().expect("guarded").1.as_mut().await }, if backoff.is_some() => {
+                let (epoch, _) = backoff.take().expect("guarded by the branch condition");
                 core.timer_fired(epoch);
             }
             () = async { stable.as_mut().expect("guarded").1.as_mut().await }, if stable.is_some() => {
@@ -239,8 +361,8 @@ where
             ended = async { watching.as_mut().expect("guarded").1.as_mut().await }, if watching.is_some() => {
                 let (epoch, _) = watching.take().expect("guarded by the branch condition");
                 match ended {
-                    Ok(()) => core.report_closed(epoch),
-                    Err(error) => core.report_failure(epoch, Error::connection_failed(error)),
+                    Ok(()) => core.report_ended(epoch),
+                    Err(error) => core.report_failure(epoch, error),
                 };
             }
             () = core.driver_notified() => {}
@@ -248,6 +370,38 @@ where
     }
 }
 
-fn shared(error: impl Into<BoxError>) -> SharedError {
-    SharedError::from(error.into())
+/// The first attempt in flight to complete, with its epoch.
+fn poll_attempts<C>(
+    attempts: &mut Vec<Attempting<C>>,
+    cx: &mut Context<'_>,
+) -> Poll<(Epoch, Result<C, Error>)> {
+    for i in 0..attempts.len() {
+        if let Poll::Ready(outcome) = attempts[i].1.as_mut().poll(cx) {
+            let (epoch, _) = attempts.remove(i);
+            return Poll::Ready((epoch, outcome));
+        }
+    }
+    Poll::Pending
+}
+
+/// The connector's readiness for the queued attempt, bounded by the attempt's deadline.
+fn poll_connector<M: Service<T>, T>(
+    make: &mut M,
+    queued: &mut Option<(Epoch, Pin<Box<Sleep>>)>,
+    bound: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), Error>>
+where
+    M::Error: Into<BoxError>,
+{
+    let (_, deadline) = queued.as_mut().expect("polled only with an attempt queued");
+    match catch_unwind(AssertUnwindSafe(|| make.poll_ready(cx))) {
+        Ok(Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+        Ok(Poll::Ready(Err(error))) => Poll::Ready(Err(Error::Connect(shared(error)))),
+        Err(panic) => Poll::Ready(Err(panicked("connector", &*panic))),
+        Ok(Poll::Pending) => match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Error::ConnectTimeout(bound))),
+            Poll::Pending => Poll::Pending,
+        },
+    }
 }

@@ -87,6 +87,22 @@ pub enum Error {
         last_error: SharedError,
     },
 
+    /// The connection was refused with an error classified as permanent
+    /// ([`ReconnectLayer::with_permanent_error`](crate::ReconnectLayer::with_permanent_error)):
+    /// nothing retries until the next `connect()`.
+    #[error("refused with a permanent error")]
+    Refused(#[source] SharedError),
+
+    /// User code the middleware ran (the connector, a teardown, a monitor, the backoff)
+    /// panicked. The panic is contained: it counts as a failure of that attempt or connection.
+    #[error("the {what} panicked: {message}")]
+    Panicked {
+        /// Which piece of user code: `"connector"`, `"teardown"`, `"monitor"` or `"backoff"`.
+        what: &'static str,
+        /// The panic's message, when it was a string.
+        message: String,
+    },
+
     /// The driver has stopped (its future was dropped or its runtime shut down), so nothing can
     /// connect any more.
     #[error("the reconnect driver has shut down")]

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use tokio::sync::{oneshot, watch};
 
 use crate::core::{Core, ResumeToken};
-use crate::epoch::{Clock, Epoch, Stamp};
+use crate::epoch::{Epoch, Stamp};
 use crate::error::{BoxError, Error};
 use crate::state::{Ledger, State};
 
@@ -24,6 +24,16 @@ use crate::state::{Ledger, State};
 ///
 /// Handles and services together keep the connection managed: when the last of them is dropped,
 /// the driver closes what is open and ends.
+///
+/// The connection's clock is the machine's alone: a handle reads it ([`epoch`](Self::epoch),
+/// [`stamp`](Self::stamp)) and changes it only through the operations above. Nothing public
+/// ticks it:
+///
+/// ```compile_fail
+/// # fn f(handle: tower_epoch::Handle) {
+/// handle.clock().tick(); // no such method
+/// # }
+/// ```
 pub struct Handle {
     core: Arc<Core>,
 }
@@ -91,15 +101,21 @@ impl Handle {
         self.core.clock.now()
     }
 
-    /// The connection's clock, for a transport that checks epochs on its own hot path: while a
-    /// connection is installed the clock reads its epoch, and any release ticks it.
-    pub fn clock(&self) -> Arc<Clock> {
-        Arc::clone(&self.core.clock)
-    }
-
-    /// Captures the current epoch, to guard an effect of your own (see [`crate::epoch`]).
+    /// Captures the current epoch, to guard an effect of your own (see [`crate::epoch`]): the
+    /// stamp stays current until the next tick of this connection's clock, which only the
+    /// connection's own operations advance.
     pub fn stamp(&self) -> Stamp {
         self.core.clock.stamp()
+    }
+
+    /// Skips the rest of a backoff wait: while the state is
+    /// [`WaitingToRetry`](State::WaitingToRetry), the clock ticks and the next attempt starts
+    /// at once (the pending timer goes stale). Use it on a network change or for a "retry now"
+    /// button. The attempt count goes on (the backoff session is not reset).
+    ///
+    /// Returns whether an attempt started; in any other state it changes nothing.
+    pub fn reconnect_now(&self) -> bool {
+        self.core.reconnect_now()
     }
 
     /// The current state.
@@ -135,27 +151,29 @@ impl Handle {
     /// connection drops.
     ///
     /// It takes effect only if that connection is still installed (rule 3): then it is released
-    /// to teardown and, the intent being connected, a reconnect is scheduled after the backoff.
-    /// Returns whether it took effect.
+    /// to teardown and, the intent being connected, a reconnect is scheduled after the backoff,
+    /// unless the layer's permanent-error predicate classifies `error` as permanent
+    /// ([`State::Refused`]). Returns whether it took effect.
     pub fn report_failure(&self, epoch: Epoch, error: impl Into<BoxError>) -> bool {
         self.core
             .report_failure(epoch, Error::connection_failed(error))
     }
 
     /// Reports that the peer ended the connection installed at `epoch` normally (a WebSocket
-    /// close with code 1000, say).
+    /// close with code 1000, an HTTP/2 GOAWAY).
     ///
     /// It takes effect only if that connection is still installed (rule 3): then it is released
-    /// to teardown, the intent becomes disconnected and no reconnect follows, as after a
-    /// [`disconnect`](Self::disconnect). Returns whether it took effect.
+    /// to teardown and the layer's [`NormalEnd`](crate::NormalEnd) policy decides what follows:
+    /// by default the intent becomes disconnected, as after a
+    /// [`disconnect`](Self::disconnect); with `NormalEnd::Reconnect` a new attempt starts at
+    /// once. Returns whether it took effect.
     pub fn report_closed(&self, epoch: Epoch) -> bool {
-        self.core.report_closed(epoch)
+        self.core.report_ended(epoch)
     }
 
     /// The installed connection and its epoch, if any.
     ///
-    /// The connection type must be the one the layer's connector produces; asking for another
-    /// type panics.
+    /// `None` also when `C` is not the type the layer's connector produces.
     pub fn connection<C: Clone + Send + 'static>(&self) -> Option<(Epoch, C)> {
         self.core.installed_conn()
     }

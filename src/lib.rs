@@ -124,6 +124,7 @@
 mod core;
 mod driver;
 mod handle;
+mod machine;
 mod reconnect;
 mod state;
 
@@ -140,5 +141,6 @@ pub use driver::Driver;
 pub use epoch::Epoch;
 pub use error::{BoxError, Error, SharedError};
 pub use handle::{DisconnectFuture, Handle};
+pub use machine::NormalEnd;
 pub use reconnect::{Reconnect, ReconnectLayer, ResponseFuture, WhenDisconnected};
 pub use state::{Ledger, State};

@@ -16,12 +16,15 @@ use crate::error::SharedError;
 ///
 /// | from | event | to |
 /// |---|---|---|
-/// | `Idle`, `Disconnecting`, `GaveUp` | `connect()`, valid `resume(token)` | `Connecting { e', 1 }` (tick) |
+/// | `Idle`, `Disconnecting`, `GaveUp`, `Refused` | `connect()`, valid `resume(token)` | `Connecting { e', 1 }` (tick) |
 /// | `Connecting { e, n }` | attempt of `e` succeeds | `Connected { e }` |
 /// | `Connecting { e, n }` | attempt of `e` fails, limit not reached | `WaitingToRetry { e, n + 1, .. }` |
 /// | `Connecting { e, n }` | attempt of `e` fails, `n` = limit | `GaveUp { n, .. }` |
+/// | `Connecting { e, n }`, `Connected { e }` | a permanent error of `e` | `Refused { .. }` |
 /// | `Connected { e }` | failure of `e` reported | `WaitingToRetry { e, n + 1, .. }` (or `GaveUp`) |
-/// | `WaitingToRetry { e, n, .. }` | timer of `e` fires, clock still `e` | `Connecting { e', n }` (tick) |
+/// | `Connected { e }` | the peer ends `e` normally, `NormalEnd::Idle` | as `disconnect()` |
+/// | `Connected { e }` | the peer ends `e` normally, `NormalEnd::Reconnect` | `Connecting { e', n + 1 }` (tick) |
+/// | `WaitingToRetry { e, n, .. }` | timer of `e` fires, clock still `e`; or `reconnect_now()` | `Connecting { e', n }` (tick) |
 /// | any but `Shutdown` | `disconnect()`, or `suspend()` when active | `Disconnecting { e' }` if a teardown is in flight, else `Idle` (tick) |
 /// | `Disconnecting { e }` | last teardown completes, clock still `e` | `Idle` |
 /// | any | the driver stops | `Shutdown` |
@@ -56,7 +59,10 @@ pub enum State {
         /// The number of the attempt that will follow.
         attempt: u32,
         /// The backoff delay, when the backoff's future is a `tokio::time::Sleep` (as for every
-        /// backoff in this crate and tower's `ExponentialBackoff`); `None` for other timers.
+        /// backoff in this crate and tower's `ExponentialBackoff`); `None` for other timers, and
+        /// until the driver has armed the timer (a moment after the failure: the backoff runs
+        /// in the driver's task, never in the caller's), when the state is published again with
+        /// it.
         delay: Option<Duration>,
         /// What failed.
         last_error: SharedError,
@@ -74,6 +80,13 @@ pub enum State {
         /// The last attempt's error.
         last_error: SharedError,
     },
+    /// Terminal for the automatic machinery: an error classified as permanent
+    /// ([`ReconnectLayer::with_permanent_error`](crate::ReconnectLayer::with_permanent_error)),
+    /// such as a malformed target or a handshake refused with 401. `connect()` starts afresh.
+    Refused {
+        /// The permanent error.
+        last_error: SharedError,
+    },
     /// Terminal: the driver has stopped.
     Shutdown,
 }
@@ -86,7 +99,7 @@ impl State {
             | State::Connected { epoch }
             | State::WaitingToRetry { epoch, .. }
             | State::Disconnecting { epoch } => Some(*epoch),
-            State::Idle | State::GaveUp { .. } | State::Shutdown => None,
+            State::Idle | State::GaveUp { .. } | State::Refused { .. } | State::Shutdown => None,
         }
     }
 
@@ -104,9 +117,12 @@ impl State {
         )
     }
 
-    /// Whether the state is terminal (`GaveUp` or `Shutdown`).
+    /// Whether the state is terminal (`GaveUp`, `Refused` or `Shutdown`).
     pub fn is_terminal(&self) -> bool {
-        matches!(self, State::GaveUp { .. } | State::Shutdown)
+        matches!(
+            self,
+            State::GaveUp { .. } | State::Refused { .. } | State::Shutdown
+        )
     }
 }
 
@@ -132,6 +148,7 @@ impl fmt::Display for State {
             }
             State::Disconnecting { epoch } => write!(f, "disconnecting ({epoch})"),
             State::GaveUp { attempts, .. } => write!(f, "gave up after {attempts} attempts"),
+            State::Refused { last_error } => write!(f, "refused: {last_error}"),
             State::Shutdown => f.write_str("shut down"),
         }
     }
@@ -160,6 +177,12 @@ pub struct Ledger {
     pub failures: u64,
     /// Stale events ignored: late failure reports, timers and attempt errors of old epochs.
     pub ignored: u64,
+    /// Stale attempts dropped before they completed (the driver keeps only the newest few in
+    /// flight); they opened nothing.
+    pub cancelled: u64,
+    /// Installed connections the peer ended normally (see
+    /// [`NormalEnd`](crate::NormalEnd)).
+    pub ended: u64,
 }
 
 impl Ledger {

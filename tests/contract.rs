@@ -270,12 +270,24 @@ async fn the_handle_is_reachable_inside_a_service_builder_stack() {
 }
 
 #[tokio::test(start_paused = true)]
-#[should_panic(expected = "ReconnectLayer applied twice")]
-async fn applying_one_layer_twice_panics() {
+async fn a_reused_layer_manages_one_connection_per_application() {
     let (conn, _inner) = mock::pair::<u32, u32>();
     let layer = layer();
-    let _first = layer.layer(connector(conn.clone(), vec![]));
-    let _second = layer.layer(connector(conn, vec![]));
+    let first = layer.layer(connector(conn.clone(), vec![]));
+    let second = layer.clone().layer(connector(conn.clone(), vec![]));
+    let third = layer.layer(connector(conn, vec![]));
+    let (first, second, third) = (first.handle(), second.handle(), third.handle());
+    // The layer's own handle controls the first application's connection.
+    layer.handle().connect().unwrap();
+    second.connect().unwrap();
+    common::settle().await;
+    assert!(first.state().is_connected());
+    assert!(second.state().is_connected());
+    assert!(matches!(third.state(), State::Idle), "{}", third.state());
+    first.disconnect().await;
+    assert!(!layer.handle().state().is_active());
+    assert!(second.state().is_connected(), "each has its own clock");
+    assert_eq!(third.ledger().attempts, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -287,8 +299,16 @@ async fn a_failure_can_be_reported_from_a_thread_outside_the_runtime() {
         .join()
         .expect("no runtime needed to report");
     assert!(took_effect);
+    assert!(matches!(handle.state(), State::WaitingToRetry { .. }));
+    // The driver arms the timer and publishes its delay.
+    let mut states = handle.subscribe();
+    let armed = tokio::time::timeout(
+        Duration::from_millis(1),
+        states.wait_for(|s| matches!(s, State::WaitingToRetry { delay: Some(_), .. })),
+    );
+    let armed = armed.await.unwrap().unwrap().clone();
     assert!(matches!(
-        handle.state(),
+        armed,
         State::WaitingToRetry { delay: Some(d), .. } if d == Duration::from_millis(100)
     ));
     common::advance(Duration::from_millis(100)).await;

@@ -252,6 +252,7 @@ async fn p10_retry_count_resets_only_after_the_stable_period() {
         let (epoch, _) = handle.connection::<Conn>().unwrap();
         advance(500 * MS).await;
         handle.report_failure(epoch, "dropped after accept");
+        settle().await; // the driver arms the timer
         let State::WaitingToRetry { delay, attempt, .. } = handle.state() else {
             panic!("expected a retry, got {}", handle.state());
         };
@@ -267,6 +268,7 @@ async fn p10_retry_count_resets_only_after_the_stable_period() {
     let (epoch, _) = handle.connection::<Conn>().unwrap();
     advance(Duration::from_millis(1001)).await;
     handle.report_failure(epoch, "dropped much later");
+    settle().await;
     assert!(matches!(
         handle.state(),
         State::WaitingToRetry { attempt: 1, delay: Some(d), .. } if d == delays[0]

@@ -202,7 +202,8 @@ async fn reject_503(kind: Kind) {
             &handle,
             CONNECT_TIMEOUT + MAX_DELAY + SLACK,
             &format!("the failure before attempt {attempt}"),
-            |s| matches!(s, State::WaitingToRetry { attempt: a, .. } if *a == attempt),
+            // Armed: the driver has published the timer's delay.
+            |s| matches!(s, State::WaitingToRetry { attempt: a, delay: Some(_), .. } if *a == attempt),
         )
         .await;
         first_failure.get_or_insert_with(Instant::now);
@@ -338,7 +339,7 @@ async fn drop_without_close(kind: Kind) {
             &handle,
             DROP_AFTER + SLACK,
             "the drop noticed",
-            |s| matches!(s, State::WaitingToRetry { epoch: e, .. } if *e == epoch),
+            |s| matches!(s, State::WaitingToRetry { epoch: e, delay: Some(_), .. } if *e == epoch),
         )
         .await;
         let noticed = Instant::now();

@@ -3,39 +3,63 @@
 use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tower::retry::backoff::{Backoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::retry::backoff::{Backoff, MakeBackoff};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::backoff::{Sessions, default_backoff};
-use crate::core::{Core, MachineConfig};
+use crate::backoff::{Exponential, Sessions, default_backoff};
+use crate::core::{Core, IsPermanent};
 use crate::driver::{Driver, Parts, Timeouts};
 use crate::error::BoxError;
 use crate::handle::Handle;
+use crate::machine::{NormalEnd, Policy};
 use crate::teardown::{DropTeardown, Monitor, NoMonitor, Teardown};
 
 use super::service::{IsFailure, Reconnect, WhenDisconnected};
 
 /// Applies reconnection to a connector: a `Service<Target>` whose response is a connection.
 ///
-/// One layer manages one logical connection. Take its [`Handle`] with [`handle`](Self::handle)
-/// before you hand the layer to a `ServiceBuilder`; applying the layer (`Layer::layer`) spawns
-/// the [`Driver`] on the current tokio runtime and returns the [`Reconnect`] service. Use
-/// [`build`](Self::build) instead to get the driver future for another executor.
+/// Each application of the layer (`Layer::layer`) manages one logical connection of its own:
+/// it spawns a [`Driver`] on the current tokio runtime and returns the [`Reconnect`] service,
+/// whose [`Reconnect::handle`] controls that connection. Use [`build`](Self::build) instead to
+/// get the driver future for another executor.
+///
+/// The layer's own [`handle`](Self::handle) is for the common case of one application: it
+/// controls the connection of the *first* application of this layer or of any clone of it, and
+/// can be taken before the layer disappears into a `ServiceBuilder`. Later applications (a layer
+/// reused for several backends, as tower layers are) each get a fresh connection; take their
+/// handles from their services.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower::{Layer, service_fn};
+/// use tower_epoch::ReconnectLayer;
+///
+/// let layer = ReconnectLayer::new("backend");
+/// let connect = || service_fn(|_: &str| async { Ok::<_, std::io::Error>(service_fn(|x: u8| async move { Ok::<_, std::io::Error>(x) })) });
+/// let first = layer.layer(connect());
+/// let second = layer.layer(connect());
+/// assert_eq!(layer.handle().epoch(), first.handle().epoch());
+/// second.handle().connect().unwrap(); // the second connection only
+/// assert!(!layer.handle().state().is_active());
+/// # }
+/// ```
 ///
 /// # Panics
 ///
-/// Applying the same layer (or a clone of it) twice panics: create one layer per connection.
 /// `Layer::layer` panics outside a tokio runtime, as `tokio::spawn` does.
 ///
 /// # Defaults
 ///
 /// | setting | default |
 /// |---|---|
-/// | backoff | [`default_backoff`](crate::backoff::default_backoff): 100 ms doubling to 30 s, 50% jitter |
+/// | backoff | [`default_backoff`](crate::backoff::default_backoff): full jitter, up to 1 s doubling to 30 s |
 /// | attempt limit | none |
+/// | permanent errors | none: every error is retried |
+/// | normal end by the peer | [`NormalEnd::Idle`] |
 /// | stable period (backoff reset) | 5 s |
 /// | connect timeout | 10 s |
 /// | close timeout | 5 s |
@@ -43,8 +67,11 @@ use super::service::{IsFailure, Reconnect, WhenDisconnected};
 /// | monitor | [`NoMonitor`] |
 /// | while disconnected | [`WhenDisconnected::Wait`] |
 /// | failure predicate | none: response errors never count as connection failures |
-pub struct ReconnectLayer<T, B = ExponentialBackoffMaker, D = DropTeardown, W = NoMonitor> {
-    core: Arc<Core>,
+pub struct ReconnectLayer<T, B = Exponential, D = DropTeardown, W = NoMonitor> {
+    /// The connection of the first application, which [`handle`](Self::handle) controls.
+    first: Arc<Core>,
+    /// Whether `first` is taken (shared by the clones).
+    claimed: Arc<AtomicBool>,
     target: Arc<dyn Fn() -> T + Send + Sync>,
     backoff: B,
     teardown: D,
@@ -57,8 +84,10 @@ pub struct ReconnectLayer<T, B = ExponentialBackoffMaker, D = DropTeardown, W = 
 struct Settings {
     timeouts: Timeouts,
     max_attempts: Option<NonZeroU32>,
+    normal_end: NormalEnd,
     when_disconnected: WhenDisconnected,
     is_failure: Option<IsFailure>,
+    is_permanent: Option<IsPermanent>,
 }
 
 impl<T: Clone + Send + Sync + 'static> ReconnectLayer<T> {
@@ -76,7 +105,8 @@ impl<T> ReconnectLayer<T> {
         F: Fn() -> T + Send + Sync + 'static,
     {
         ReconnectLayer {
-            core: Core::new(),
+            first: Core::new(Policy::default()),
+            claimed: Arc::new(AtomicBool::new(false)),
             target: Arc::new(target),
             backoff: default_backoff(),
             teardown: DropTeardown,
@@ -88,26 +118,29 @@ impl<T> ReconnectLayer<T> {
                     stable: Duration::from_secs(5),
                 },
                 max_attempts: None,
+                normal_end: NormalEnd::Idle,
                 when_disconnected: WhenDisconnected::Wait,
                 is_failure: None,
+                is_permanent: None,
             },
         }
     }
 }
 
 impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
-    /// The handle of the connection this layer will manage.
+    /// The handle of the connection of this layer's first application (see the type's docs).
     ///
     /// Operations called before the layer is applied are queued and run when the driver starts.
     pub fn handle(&self) -> Handle {
-        Handle::new(Arc::clone(&self.core))
+        Handle::new(Arc::clone(&self.first))
     }
 
     /// Sets the backoff between attempts: any [`MakeBackoff`], such as
     /// [`Schedule`](crate::backoff::Schedule) or tower's `ExponentialBackoffMaker`.
     pub fn with_backoff<B2>(self, backoff: B2) -> ReconnectLayer<T, B2, D, W> {
         ReconnectLayer {
-            core: self.core,
+            first: self.first,
+            claimed: self.claimed,
             target: self.target,
             backoff,
             teardown: self.teardown,
@@ -119,7 +152,8 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
     /// Sets how connections are closed (see [`crate::teardown`]).
     pub fn with_teardown<D2>(self, teardown: D2) -> ReconnectLayer<T, B, D2, W> {
         ReconnectLayer {
-            core: self.core,
+            first: self.first,
+            claimed: self.claimed,
             target: self.target,
             backoff: self.backoff,
             teardown,
@@ -132,7 +166,8 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
     /// without waiting for the next request (see [`Monitor`]).
     pub fn with_monitor<W2>(self, monitor: W2) -> ReconnectLayer<T, B, D, W2> {
         ReconnectLayer {
-            core: self.core,
+            first: self.first,
+            claimed: self.claimed,
             target: self.target,
             backoff: self.backoff,
             teardown: self.teardown,
@@ -168,6 +203,42 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
         self
     }
 
+    /// What a normal end of the installed connection by the peer means (a [`Monitor`] that
+    /// completes with `Ok`, or [`Handle::report_closed`]): stay idle (the default) or reconnect.
+    ///
+    /// An HTTP/2 server that restarts gracefully sends GOAWAY, and the connection ends
+    /// normally: choose [`NormalEnd::Reconnect`] there.
+    pub fn on_normal_end(mut self, normal_end: NormalEnd) -> Self {
+        self.settings.normal_end = normal_end;
+        self
+    }
+
+    /// Classifies errors as permanent: when `is_permanent` returns true for the error of an
+    /// attempt or of the installed connection, nothing retries. The state becomes
+    /// [`Refused`](crate::State::Refused), terminal as after the attempt limit, until the next
+    /// `connect()`; waiting services fail with [`Error::Refused`](crate::Error::Refused).
+    ///
+    /// The predicate sees the cause: the connector's or the connection's own error (downcast
+    /// it), or the crate's [`Error`](crate::Error) for timeouts and panics. A panicking
+    /// predicate classifies nothing as permanent.
+    ///
+    /// ```
+    /// use tower_epoch::ReconnectLayer;
+    ///
+    /// let layer = ReconnectLayer::new("ws://127.0.0.1:4000/socket").with_permanent_error(|e| {
+    ///     e.downcast_ref::<std::io::Error>()
+    ///         .is_some_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+    /// });
+    /// # drop(layer);
+    /// ```
+    pub fn with_permanent_error<F>(mut self, is_permanent: F) -> Self
+    where
+        F: Fn(&(dyn std::error::Error + Send + Sync + 'static)) -> bool + Send + Sync + 'static,
+    {
+        self.settings.is_permanent = Some(Arc::new(is_permanent));
+        self
+    }
+
     /// What the service does while no connection is installed.
     pub fn when_disconnected(mut self, policy: WhenDisconnected) -> Self {
         self.settings.when_disconnected = policy;
@@ -188,9 +259,8 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
     /// Applies the layer to `make` and returns the service and its driver, for an executor of
     /// your choice (see [`Driver`]). Nothing happens until the driver is polled.
     ///
-    /// # Panics
-    ///
-    /// If this layer (or a clone) was already applied.
+    /// The first application manages the connection of [`handle`](Self::handle); each later
+    /// one a fresh connection of its own.
     pub fn build<M>(&self, make: M) -> (Reconnect<M::Response>, Driver)
     where
         M: Service<T> + Send + 'static,
@@ -207,21 +277,28 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
         W::Future: Send + 'static,
     {
         let settings = &self.settings;
-        self.core.claim(MachineConfig {
-            retry: Box::new(Sessions::new(self.backoff.clone())),
+        let policy = Policy {
             max_attempts: settings.max_attempts,
-        });
+            normal_end: settings.normal_end,
+        };
+        let core = if self.claimed.swap(true, Ordering::AcqRel) {
+            Core::new(policy)
+        } else {
+            Arc::clone(&self.first)
+        };
+        core.configure(policy, settings.is_permanent.clone());
         let service = Reconnect::new(
-            Arc::clone(&self.core),
+            Arc::clone(&core),
             settings.when_disconnected,
             settings.is_failure.clone(),
         );
         let driver = Driver::new(Parts {
-            core: Arc::clone(&self.core),
+            core,
             make,
             target: Arc::clone(&self.target),
             teardown: self.teardown.clone(),
             monitor: self.monitor.clone(),
+            retry: Box::new(Sessions::new(self.backoff.clone())),
             timeouts: settings.timeouts,
         });
         (service, driver)
@@ -255,7 +332,8 @@ where
 impl<T, B: Clone, D: Clone, W: Clone> Clone for ReconnectLayer<T, B, D, W> {
     fn clone(&self) -> Self {
         ReconnectLayer {
-            core: Arc::clone(&self.core),
+            first: Arc::clone(&self.first),
+            claimed: Arc::clone(&self.claimed),
             target: Arc::clone(&self.target),
             backoff: self.backoff.clone(),
             teardown: self.teardown.clone(),
@@ -274,6 +352,8 @@ impl<T, B: fmt::Debug, D: fmt::Debug, W: fmt::Debug> fmt::Debug for ReconnectLay
             .field("monitor", &self.monitor)
             .field("timeouts", &settings.timeouts)
             .field("max_attempts", &settings.max_attempts)
+            .field("normal_end", &settings.normal_end)
+            .field("permanent_error", &settings.is_permanent.is_some())
             .field("when_disconnected", &settings.when_disconnected)
             .field("failure_predicate", &settings.is_failure.is_some())
             .finish_non_exhaustive()

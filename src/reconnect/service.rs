@@ -44,9 +44,11 @@ pub enum WhenDisconnected {
 /// - A failed `poll_ready` of the connection is a failure report for its epoch: the connection
 ///   is released to teardown, a reconnect is scheduled, and `poll_ready` goes on waiting. The
 ///   error is not returned: `poll_ready` fails only for terminal conditions,
-///   [`Error::GaveUp`] and [`Error::Shutdown`].
+///   [`Error::GaveUp`], [`Error::Refused`] and [`Error::Shutdown`].
 /// - `call` forwards to the connection whose readiness was reserved by `poll_ready`. Calling it
-///   without a successful `poll_ready` first panics. A clone starts un-ready.
+///   without a successful `poll_ready` first breaks tower's contract: it panics if no
+///   connection was ever cached, and in debug builds always; in release builds it goes to the
+///   cached connection, as tower's own `Reconnect` does. A clone starts un-ready.
 /// - Response errors pass through boxed, unless a failure predicate
 ///   ([`ReconnectLayer::with_failure_predicate`](crate::ReconnectLayer::with_failure_predicate))
 ///   classifies them as connection failures.
@@ -56,7 +58,7 @@ pub enum WhenDisconnected {
 pub struct Reconnect<C> {
     handle: Handle,
     conn: Option<(Epoch, C)>,
-    ready: bool,
+    reserved: Reservation,
     waiter: u64,
     registered: bool,
     when_disconnected: WhenDisconnected,
@@ -79,7 +81,7 @@ impl<C> Reconnect<C> {
             waiter: core.next_waiter_id(),
             handle: Handle::new(core),
             conn: None,
-            ready: false,
+            reserved: Reservation::default(),
             registered: false,
             when_disconnected,
             classify,
@@ -118,7 +120,7 @@ where
             if self.handle.core().is_installed(*epoch) {
                 let polled = conn.poll_ready(cx);
                 if let Poll::Ready(Ok(())) = polled {
-                    self.ready = true;
+                    self.reserved.reserve();
                     return Poll::Ready(Ok(()));
                 }
                 return poll_ready_slow::<C, Req>(self, cx, Some(polled));
@@ -130,7 +132,7 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         // Readiness is only ever reserved on a cached connection.
-        let (epoch, conn) = match (std::mem::take(&mut self.ready), self.conn.as_mut()) {
+        let (epoch, conn) = match (self.reserved.consume(), self.conn.as_mut()) {
             (true, Some(reserved)) => reserved,
             _ => not_ready(),
         };
@@ -139,6 +141,43 @@ where
             ctx: Arc::clone(ctx),
         });
         ResponseFuture::new(conn.call(req), classify)
+    }
+}
+
+/// Whether `poll_ready` reserved readiness for the next `call`.
+///
+/// Tracked in debug builds only. In release builds `call` checks only that a connection is
+/// cached, as tower's own `Reconnect` does: a call without readiness goes to the cached
+/// connection, whose own readiness contract then applies. A flag written by every `poll_ready`
+/// and cleared by every `call` costs 0.3 ns of the 1.1 ns the middleware adds per request
+/// (`cargo bench --bench request_path`), which is the difference between 1.43x and 1.62x of
+/// the bare service.
+#[derive(Clone, Copy, Debug, Default)]
+struct Reservation {
+    #[cfg(debug_assertions)]
+    ready: bool,
+}
+
+impl Reservation {
+    #[inline(always)]
+    fn reserve(&mut self) {
+        #[cfg(debug_assertions)]
+        {
+            self.ready = true;
+        }
+    }
+
+    /// Whether the call may go ahead (always, in release builds).
+    #[inline(always)]
+    fn consume(&mut self) -> bool {
+        #[cfg(debug_assertions)]
+        {
+            std::mem::take(&mut self.ready)
+        }
+        #[cfg(not(debug_assertions))]
+        {
+            true
+        }
     }
 }
 
@@ -169,7 +208,7 @@ where
             if this.handle.core().is_installed(epoch) {
                 match polled.take().unwrap_or_else(|| conn.poll_ready(cx)) {
                     Poll::Ready(Ok(())) => {
-                        this.ready = true;
+                        this.reserved.reserve();
                         return Poll::Ready(Ok(()));
                     }
                     Poll::Ready(Err(error)) => {
@@ -207,7 +246,7 @@ impl<C: Clone> Clone for Reconnect<C> {
             waiter: self.core().next_waiter_id(),
             handle: self.handle.clone(),
             conn: self.conn.clone(),
-            ready: false,
+            reserved: Reservation::default(),
             registered: false,
             when_disconnected: self.when_disconnected,
             classify: self.classify.clone(),
@@ -227,7 +266,7 @@ impl<C> fmt::Debug for Reconnect<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reconnect")
             .field("epoch", &self.conn.as_ref().map(|(e, _)| *e))
-            .field("ready", &self.ready)
+            .field("reserved", &self.reserved)
             .field("when_disconnected", &self.when_disconnected)
             .finish_non_exhaustive()
     }

@@ -10,7 +10,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tower::ServiceExt;
-use tower::retry::backoff::{Backoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::retry::backoff::{Backoff, MakeBackoff};
+
+use crate::backoff::Exponential;
 
 use super::client::WsClient;
 use super::close::close;
@@ -22,6 +24,7 @@ use super::monitor::Monitor;
 use super::shared::Shared;
 use super::writer::Wire;
 use crate::epoch::Epoch;
+use crate::machine::NormalEnd;
 use crate::reconnect::ReconnectLayer;
 
 /// What [`WsClient::send`] does when the outbound queue is full.
@@ -63,17 +66,14 @@ pub(crate) struct Settings {
 const FRAME_HEADER: usize = 14;
 
 type Configure = Box<
-    dyn FnOnce(
-            ReconnectLayer<Request, ExponentialBackoffMaker>,
-        ) -> ReconnectLayer<Request, ExponentialBackoffMaker>
-        + Send,
+    dyn FnOnce(ReconnectLayer<Request, Exponential>) -> ReconnectLayer<Request, Exponential> + Send,
 >;
 
 /// Builds a [`WsClient`]. Made by [`WsClient::builder`].
 ///
 /// Every setting is checked by [`build`](Self::build): a zero capacity or a zero or
 /// overflowing heartbeat is a [`WsError::Setting`] there, never a panic later.
-pub struct WsClientBuilder<B = ExponentialBackoffMaker> {
+pub struct WsClientBuilder<B = Exponential> {
     pub(super) request: Arc<dyn Fn() -> Request + Send + Sync>,
     pub(super) connector: WsConnector,
     pub(super) backoff: B,
@@ -154,8 +154,8 @@ impl<B> WsClientBuilder<B> {
     pub fn layer(
         mut self,
         configure: impl FnOnce(
-            ReconnectLayer<Request, ExponentialBackoffMaker>,
-        ) -> ReconnectLayer<Request, ExponentialBackoffMaker>
+            ReconnectLayer<Request, Exponential>,
+        ) -> ReconnectLayer<Request, Exponential>
         + Send
         + 'static,
     ) -> Self {
@@ -214,7 +214,9 @@ impl<B> WsClientBuilder<B> {
         self
     }
 
-    /// Reconnect after the peer closes with 1000 (normal closure) too. Default: no.
+    /// Reconnect after the peer closes with 1000 (normal closure) too: at once, as
+    /// [`NormalEnd::Reconnect`] does. Default: no, the client goes idle
+    /// ([`NormalEnd::Idle`]).
     pub fn reconnect_on_normal_close(mut self, reconnect: bool) -> Self {
         self.settings.reconnect_on_normal_close = reconnect;
         self
@@ -309,7 +311,14 @@ impl<B> WsClientBuilder<B> {
         endpoint_of(&(self.request)())?;
         let (incoming_tx, incoming_rx) = mpsc::channel(self.incoming_capacity);
         let request = Arc::clone(&self.request);
-        let base = (self.configure)(ReconnectLayer::with_target_fn(move || request()));
+        let normal_end = if self.settings.reconnect_on_normal_close {
+            NormalEnd::Reconnect
+        } else {
+            NormalEnd::Idle
+        };
+        let base = (self.configure)(
+            ReconnectLayer::with_target_fn(move || request()).on_normal_end(normal_end),
+        );
         let handle = base.handle();
         let settings = Settings {
             max_message,
@@ -319,9 +328,7 @@ impl<B> WsClientBuilder<B> {
         let monitor = {
             // Dropped with the driver's last copy of this closure: the client closes.
             let alive = Arc::new(Alive(Arc::clone(&shared)));
-            move |conn: &WsConn, epoch: Epoch| {
-                Monitor::new(Arc::clone(&alive.0), conn.clone(), epoch)
-            }
+            move |conn: &WsConn, epoch: Epoch| Monitor::new(&alive.0, conn.clone(), epoch)
         };
         let teardown = {
             let shared = Arc::clone(&shared);

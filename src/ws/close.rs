@@ -134,7 +134,7 @@ mod tests {
         let conn = WsConn::new(Wire::new(ours.await, Arc::clone(&shared), incoming));
 
         // Installed, and released before the driver polled its monitor even once.
-        drop(Monitor::new(Arc::clone(&shared), conn.clone(), epoch));
+        drop(Monitor::new(&shared, conn.clone(), epoch));
         clock.tick();
         let closing = tokio::spawn(close(Arc::clone(&shared), conn, CloseCause::Disconnect));
         let mut seen = Vec::new();

@@ -9,7 +9,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -34,7 +33,6 @@ pub(crate) struct Monitor {
     conn: WsConn,
     /// Taken from the connection at the first poll, put back when dropped.
     wire: Option<Wire>,
-    shared: Arc<Shared>,
     epoch: Epoch,
     beat: Option<Beat>,
 }
@@ -113,14 +111,13 @@ impl Beat {
 }
 
 impl Monitor {
-    pub(crate) fn new(shared: Arc<Shared>, conn: WsConn, epoch: Epoch) -> Monitor {
+    pub(crate) fn new(shared: &Shared, conn: WsConn, epoch: Epoch) -> Monitor {
         // Installed now, not at the first poll: a release before that finds it installed.
         conn.install(epoch);
         let beat = shared.settings.heartbeat.map(Beat::new);
         Monitor {
             conn,
             wire: None,
-            shared,
             epoch,
             beat,
         }
@@ -142,10 +139,7 @@ impl Monitor {
             }
             // tungstenite queued the close reply; the teardown writes it.
             Message::Close(frame) => {
-                return Some(peer_closed(
-                    frame,
-                    self.shared.settings.reconnect_on_normal_close,
-                ));
+                return Some(peer_closed(frame));
             }
             // tungstenite queued the pong; the wire writes it.
             Message::Ping(_) | Message::Frame(_) => {}
@@ -215,15 +209,16 @@ impl Drop for Monitor {
     }
 }
 
-pub(crate) fn peer_closed(
-    frame: Option<CloseFrame>,
-    reconnect_on_normal: bool,
-) -> Result<(), BoxError> {
+/// A Close from the peer: 1000 is a normal end (the layer's [`NormalEnd`] policy decides),
+/// any other code a failure.
+///
+/// [`NormalEnd`]: crate::NormalEnd
+pub(crate) fn peer_closed(frame: Option<CloseFrame>) -> Result<(), BoxError> {
     let (code, reason) = match frame {
         Some(frame) => (frame.code, frame.reason.to_string()),
         None => (CloseCode::Status, String::new()),
     };
-    if code == CloseCode::Normal && !reconnect_on_normal {
+    if code == CloseCode::Normal {
         Ok(())
     } else {
         Err(WsError::PeerClosed { code, reason }.into())
@@ -232,6 +227,7 @@ pub(crate) fn peer_closed(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::task::Waker;
 
     use futures_util::{SinkExt, StreamExt};
@@ -304,7 +300,7 @@ mod tests {
         let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
         let (incoming, _rx) = tokio::sync::mpsc::channel(1);
         let conn = WsConn::new(Wire::new(ours.await, Arc::clone(&shared), incoming));
-        let mut monitor = Monitor::new(shared, conn, epoch);
+        let mut monitor = Monitor::new(&shared, conn, epoch);
 
         assert!(Pin::new(&mut monitor).poll(&mut cx()).is_pending());
         tokio::time::advance(beat.interval).await;

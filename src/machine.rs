@@ -1,0 +1,468 @@
+//! The epoch protocol as a state machine: one function of (state, event) that returns the
+//! effects the core and the driver carry out.
+//!
+//! The machine holds no connection, no timer and no user code: it decides. The core keeps the
+//! installed connection in its slot and moves it as the effects say; the driver performs the
+//! I/O (attempts, teardowns, timers) and reports each outcome back as an event. Every rule of
+//! the protocol is a guard in [`Machine::step`]: an event of an epoch that is no longer current
+//! changes nothing but the count of ignored events.
+//!
+//! Invariant: a connection is installed only if its attempt's epoch is the clock's value, and
+//! any tick (disconnect, suspend, a new attempt) first releases it. So while a connection is
+//! installed, `installed == clock`.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::epoch::{Clock, Epoch};
+use crate::error::{Error, SharedError};
+use crate::state::{Ledger, State};
+use crate::teardown::CloseCause;
+
+/// What a normal end of the installed connection by the peer means (a [`Monitor`] that
+/// completes with `Ok`, or [`Handle::report_closed`]).
+///
+/// [`Monitor`]: crate::teardown::Monitor
+/// [`Handle::report_closed`]: crate::Handle::report_closed
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NormalEnd {
+    /// The connection is released and the intent becomes disconnected, as after a
+    /// `disconnect()`: no reconnect follows (the default; right for a WebSocket closed with
+    /// 1000).
+    #[default]
+    Idle,
+    /// The connection is released and a new attempt starts at once, through the backoff if it
+    /// fails (right for an HTTP/2 connection ended by GOAWAY: the server restarts).
+    Reconnect,
+}
+
+/// Settings the machine applies, fixed when the layer is applied.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Policy {
+    pub(crate) max_attempts: Option<NonZeroU32>,
+    pub(crate) normal_end: NormalEnd,
+}
+
+/// What happened: an operation of a handle, or an outcome the driver reports.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Connect,
+    Disconnect,
+    Suspend,
+    Resume {
+        token: Epoch,
+    },
+    ReconnectNow,
+    /// The driver is about to call the connector for the attempt of `epoch`.
+    AttemptStarting {
+        epoch: Epoch,
+    },
+    /// The attempt of `epoch` produced a connection.
+    Opened {
+        epoch: Epoch,
+    },
+    /// The attempt of `epoch` failed (a permanent error ends the retries).
+    AttemptFailed {
+        epoch: Epoch,
+        error: SharedError,
+        permanent: bool,
+    },
+    /// The driver dropped a stale attempt before it completed.
+    AttemptCancelled,
+    /// The connection installed at `epoch` failed.
+    Failed {
+        epoch: Epoch,
+        error: SharedError,
+        permanent: bool,
+    },
+    /// The peer ended the connection installed at `epoch` normally.
+    Ended {
+        epoch: Epoch,
+    },
+    /// The backoff timer of the retry of `epoch` is armed, for `delay` when known.
+    RetryArmed {
+        epoch: Epoch,
+        delay: Option<Duration>,
+    },
+    /// The backoff timer armed at `epoch` fired.
+    TimerFired {
+        epoch: Epoch,
+    },
+    /// The connection installed at `epoch` stayed up for the stable period.
+    Stable {
+        epoch: Epoch,
+    },
+    /// A teardown completed (or was cut at the close timeout).
+    Closed {
+        timed_out: bool,
+    },
+    /// Every handle and service is gone: release what is installed.
+    Shutdown,
+    /// The driver has stopped: whatever it held is dropped.
+    Stopped,
+}
+
+/// The machine's answer to the caller of [`Machine::step`].
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// The epoch of the attempt started (or of the active one), or why not.
+    Epoch(Result<Epoch, Error>),
+    /// Whether the event took effect (a report of the installed connection, a timer of the
+    /// current epoch, an attempt still current, a connection released).
+    Took(bool),
+    /// `suspend`: the resume token's epoch, if the intent was to be connected.
+    Token(Option<Epoch>),
+}
+
+/// What the core and the driver must do about a transition.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// Call the connector for the attempt of this epoch.
+    Attempt(Epoch),
+    /// Move the connection the attempt of this epoch produced into the slot, and watch it.
+    Install(Epoch),
+    /// Close the connection the attempt of this epoch produced: it came in stale (rule 1).
+    Discard(Epoch),
+    /// Take the installed connection of this epoch out of the slot and close it; `notify`: a
+    /// `disconnect()` waits for the close.
+    Release {
+        epoch: Epoch,
+        cause: CloseCause,
+        notify: bool,
+    },
+    /// Arm a backoff timer for the retry of this epoch.
+    Retry(Epoch),
+    /// Start a new backoff session.
+    ResetBackoff,
+    /// Arm the stable-period timer of the connection installed at this epoch.
+    Stable(Epoch),
+    /// Services waiting for a connection should look again: one was installed or released,
+    /// or the state became terminal. (The published state needs no effect: the core
+    /// publishes it after every step that changed it.)
+    Wake,
+    /// Stop starting anything: every user is gone.
+    Stop,
+}
+
+#[derive(Debug)]
+pub(crate) struct Machine {
+    /// Ticked only here, under the core's lock; read by anyone ([`Clock::now`]).
+    clock: Arc<Clock>,
+    state: State,
+    installed: Option<Epoch>,
+    /// Attempts started in the current backoff session.
+    attempt: u32,
+    /// Teardowns queued or running.
+    closing: u64,
+    ledger: Ledger,
+    policy: Policy,
+}
+
+impl Machine {
+    pub(crate) fn new(clock: Arc<Clock>, policy: Policy) -> Machine {
+        Machine {
+            clock,
+            state: State::Idle,
+            installed: None,
+            attempt: 0,
+            closing: 0,
+            ledger: Ledger::default(),
+            policy,
+        }
+    }
+
+    pub(crate) fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    pub(crate) fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub(crate) fn ledger(&self) -> Ledger {
+        self.ledger
+    }
+
+    pub(crate) fn now(&self) -> Epoch {
+        self.clock.now()
+    }
+
+    fn is_current(&self, epoch: Epoch) -> bool {
+        self.clock.is_current(epoch)
+    }
+
+    /// The one transition function: applies `event`, pushes what must be done onto
+    /// `effects`, and answers the caller.
+    pub(crate) fn step(&mut self, event: Event, effects: &mut Vec<Effect>) -> Reply {
+        let shut = matches!(self.state, State::Shutdown);
+        match event {
+            // Nothing starts once the driver has stopped.
+            Event::Connect | Event::Resume { .. } if shut => Reply::Epoch(Err(Error::Shutdown)),
+            // A connect while active is a no-op: the clock does not tick (P1).
+            Event::Connect if self.state.is_active() => Reply::Epoch(Ok(self.now())),
+            // From idle, disconnecting (rule 6), gave up or refused: a fresh session.
+            Event::Connect => {
+                self.reset_backoff(effects);
+                Reply::Epoch(Ok(self.start_attempt(effects)))
+            }
+            Event::Disconnect if shut => Reply::Took(false),
+            // Rule 8: a deliberate disconnect releases, and nothing reconnects.
+            Event::Disconnect => Reply::Took(self.release(CloseCause::Disconnect, true, effects)),
+            // Rule 5: a token only when the intent was to be connected (P15).
+            Event::Suspend if self.state.is_active() => {
+                self.release(CloseCause::Suspend, false, effects);
+                Reply::Token(Some(self.now()))
+            }
+            Event::Suspend => Reply::Token(None),
+            // Rule 5: a resume acts only if nothing changed the intent since its suspend.
+            Event::Resume { token } if token != self.now() => {
+                Reply::Epoch(Err(Error::StaleResume {
+                    token,
+                    now: self.now(),
+                }))
+            }
+            Event::Resume { .. } => {
+                self.reset_backoff(effects);
+                Reply::Epoch(Ok(self.start_attempt(effects)))
+            }
+            // Skips the rest of a backoff wait; the timer of the old epoch goes stale.
+            Event::ReconnectNow => match self.state {
+                State::WaitingToRetry { .. } => {
+                    self.start_attempt(effects);
+                    Reply::Took(true)
+                }
+                _ => Reply::Took(false),
+            },
+            // The connector is called only for an attempt still current.
+            Event::AttemptStarting { epoch } if self.is_current(epoch) => {
+                self.ledger.attempts += 1;
+                Reply::Took(true)
+            }
+            Event::AttemptStarting { .. } => Reply::Took(false),
+            // The attempt's epoch is still current: install it.
+            Event::Opened { epoch } if self.is_current(epoch) => {
+                self.ledger.opened += 1;
+                self.ledger.installed += 1;
+                self.installed = Some(epoch);
+                self.state = State::Connected { epoch };
+                effects.extend([Effect::Install(epoch), Effect::Stable(epoch), Effect::Wake]);
+                Reply::Took(true)
+            }
+            // Rule 1: a stale connect is closed, never installed.
+            Event::Opened { epoch } => {
+                self.ledger.opened += 1;
+                self.ledger.discarded += 1;
+                self.closing += 1;
+                effects.push(Effect::Discard(epoch));
+                Reply::Took(false)
+            }
+            Event::AttemptFailed {
+                epoch,
+                error,
+                permanent,
+            } if self.is_current(epoch) => {
+                self.ledger.failures += 1;
+                self.fail(epoch, error, permanent, effects);
+                Reply::Took(true)
+            }
+            // Rule 3: a late failure of a stale attempt changes nothing.
+            Event::AttemptFailed { .. } => {
+                self.ledger.ignored += 1;
+                Reply::Took(false)
+            }
+            Event::AttemptCancelled => {
+                self.ledger.cancelled += 1;
+                Reply::Took(true)
+            }
+            // A failure of the installed connection: released, and a retry follows (rule 8:
+            // only while the intent is connected, which an installed connection means).
+            Event::Failed {
+                epoch,
+                error,
+                permanent,
+            } if self.installed == Some(epoch) => {
+                self.ledger.failures += 1;
+                self.take_installed(epoch, CloseCause::Failed, false, effects);
+                self.fail(epoch, error, permanent, effects);
+                Reply::Took(true)
+            }
+            // Rule 3: a report of a connection no longer installed is ignored.
+            Event::Failed { .. } => {
+                self.ledger.ignored += 1;
+                Reply::Took(false)
+            }
+            Event::Ended { epoch } if self.installed == Some(epoch) => {
+                self.ledger.ended += 1;
+                match self.policy.normal_end {
+                    // As after a disconnect: nothing reconnects.
+                    NormalEnd::Idle => {
+                        self.release(CloseCause::Ended, false, effects);
+                    }
+                    // Released, and a new attempt at once (its failure goes through backoff).
+                    NormalEnd::Reconnect => {
+                        self.take_installed(epoch, CloseCause::Ended, false, effects);
+                        self.start_attempt(effects);
+                    }
+                }
+                Reply::Took(true)
+            }
+            Event::Ended { .. } => {
+                self.ledger.ignored += 1;
+                Reply::Took(false)
+            }
+            Event::RetryArmed { epoch, delay } => match &mut self.state {
+                State::WaitingToRetry {
+                    epoch: waiting,
+                    delay: armed,
+                    ..
+                } if *waiting == epoch => {
+                    *armed = delay;
+                    Reply::Took(true)
+                }
+                _ => Reply::Took(false),
+            },
+            // Rule 4: a timer starts an attempt only if the clock still reads its epoch.
+            Event::TimerFired { epoch }
+                if self.is_current(epoch)
+                    && matches!(self.state, State::WaitingToRetry { epoch: e, .. } if e == epoch) =>
+            {
+                self.start_attempt(effects);
+                Reply::Took(true)
+            }
+            Event::TimerFired { .. } => {
+                self.ledger.ignored += 1;
+                Reply::Took(false)
+            }
+            // Up for the stable period: the backoff starts over at the next failure.
+            Event::Stable { epoch } if self.installed == Some(epoch) => {
+                self.reset_backoff(effects);
+                Reply::Took(true)
+            }
+            Event::Stable { .. } => Reply::Took(false),
+            // Rule 2: a teardown always closed its own connection; it changes the published
+            // state only if nothing happened since the release.
+            Event::Closed { timed_out } => {
+                self.ledger.closed += 1;
+                self.ledger.close_timeouts += u64::from(timed_out);
+                self.closing = self.closing.saturating_sub(1);
+                if let State::Disconnecting { epoch: released } = self.state {
+                    if self.closing == 0 && self.is_current(released) {
+                        self.state = State::Idle;
+                    }
+                }
+                Reply::Took(true)
+            }
+            // Every user is gone: release what is installed, start nothing more.
+            Event::Shutdown => {
+                effects.push(Effect::Stop);
+                Reply::Took(self.release(CloseCause::Shutdown, false, effects))
+            }
+            // The driver is gone, and what it held with it: closed all the same, so the books
+            // balance.
+            Event::Stopped => {
+                self.clock.tick();
+                self.ledger.closed += self.closing + u64::from(self.installed.is_some());
+                self.closing = 0;
+                self.installed = None;
+                self.state = State::Shutdown;
+                effects.push(Effect::Wake);
+                Reply::Took(true)
+            }
+        }
+    }
+
+    fn start_attempt(&mut self, effects: &mut Vec<Effect>) -> Epoch {
+        let epoch = self.clock.tick();
+        self.attempt += 1;
+        self.state = State::Connecting {
+            epoch,
+            attempt: self.attempt,
+        };
+        effects.push(Effect::Attempt(epoch));
+        epoch
+    }
+
+    /// Disconnect, suspend, a normal end, shutdown: tick, release the installed connection
+    /// to teardown. Returns whether one was installed.
+    fn release(&mut self, cause: CloseCause, notify: bool, effects: &mut Vec<Effect>) -> bool {
+        let epoch = self.clock.tick();
+        let released = self.installed.take();
+        if let Some(installed) = released {
+            self.closing += 1;
+            effects.push(Effect::Release {
+                epoch: installed,
+                cause,
+                notify,
+            });
+        }
+        self.state = if self.closing > 0 {
+            State::Disconnecting { epoch }
+        } else {
+            State::Idle
+        };
+        effects.push(Effect::Wake);
+        released.is_some()
+    }
+
+    /// The installed connection of `epoch` leaves the slot without a tick (a failure or a
+    /// normal end while the intent stays connected).
+    fn take_installed(
+        &mut self,
+        epoch: Epoch,
+        cause: CloseCause,
+        notify: bool,
+        effects: &mut Vec<Effect>,
+    ) {
+        self.installed = None;
+        self.closing += 1;
+        effects.push(Effect::Release {
+            epoch,
+            cause,
+            notify,
+        });
+    }
+
+    /// A failure of the attempt or connection of `epoch`: terminal if permanent or if the
+    /// attempts are used up, else a retry after the backoff.
+    fn fail(
+        &mut self,
+        epoch: Epoch,
+        last_error: SharedError,
+        permanent: bool,
+        effects: &mut Vec<Effect>,
+    ) {
+        let attempts = self.attempt;
+        let used_up = self
+            .policy
+            .max_attempts
+            .is_some_and(|max| attempts >= max.get());
+        self.state = if permanent || used_up {
+            // Terminal: waiting services fail with it.
+            self.reset_backoff(effects);
+            effects.push(Effect::Wake);
+            if permanent {
+                State::Refused { last_error }
+            } else {
+                State::GaveUp {
+                    attempts,
+                    last_error,
+                }
+            }
+        } else {
+            effects.push(Effect::Retry(epoch));
+            State::WaitingToRetry {
+                epoch,
+                attempt: attempts + 1,
+                delay: None,
+                last_error,
+            }
+        };
+    }
+
+    fn reset_backoff(&mut self, effects: &mut Vec<Effect>) {
+        self.attempt = 0;
+        effects.push(Effect::ResetBackoff);
+    }
+}
