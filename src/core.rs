@@ -32,8 +32,6 @@ pub(crate) type AnyConn = Box<dyn Any + Send>;
 pub(crate) enum Work {
     /// Call the connector for an attempt of this epoch.
     Attempt(Epoch),
-    /// Start the monitor of the connection installed at this epoch.
-    Watch(Epoch),
     /// Close this connection (exactly once), then resolve `done`.
     Close {
         epoch: Epoch,
@@ -58,6 +56,8 @@ struct Locked {
     opened: Option<(Epoch, AnyConn)>,
     /// A scratch buffer for the effects of one step.
     effects: Vec<Effect>,
+    /// Steps that changed the published state, numbered so that they publish in order.
+    steps: u64,
 }
 
 pub(crate) struct Core {
@@ -74,6 +74,8 @@ pub(crate) struct Core {
     /// Services waiting for a connection, by their id.
     waiters: Mutex<HashMap<u64, Waker>>,
     state_tx: watch::Sender<State>,
+    /// The last step whose state `state_tx` holds.
+    published: AtomicU64,
     users: AtomicUsize,
     next_waiter: AtomicU64,
     /// Classifies errors as permanent; set when the layer is applied.
@@ -136,6 +138,7 @@ impl Core {
                 machine: Machine::new(Arc::clone(&clock), policy),
                 opened: None,
                 effects: Vec::new(),
+                steps: 0,
             }),
             clock,
             slot: Mutex::new(None),
@@ -143,6 +146,7 @@ impl Core {
             wake_driver: Notify::new(),
             waiters: Mutex::new(HashMap::new()),
             state_tx: watch::Sender::new(State::Idle),
+            published: AtomicU64::new(0),
             users: AtomicUsize::new(0),
             next_waiter: AtomicU64::new(1),
             is_permanent: Mutex::new(None),
@@ -171,20 +175,27 @@ impl Core {
 
     /// One step of the machine, its effects carried out. Returns the machine's reply and,
     /// for a disconnect that released a connection, the receiver its teardown resolves.
+    ///
+    /// Under the machine's lock: the step, the moves of connections in and out of the slot (no
+    /// clone, no user code), the work queued for the driver (in the order of the steps). After
+    /// it: the state published, the driver and the waiting services woken, what was evicted
+    /// dropped, the transition logged.
     fn apply(&self, event: Event) -> (Reply, Option<oneshot::Receiver<()>>) {
+        tracing::trace!(?event, "step");
         let mut wake = false;
         let mut done = None;
-        let mut work = Vec::new();
-        let reply = {
+        let mut evicted = None;
+        let (reply, publish, queued, before) = {
             let mut locked = lock(&self.locked);
             let Locked {
                 machine,
                 opened,
                 effects,
+                steps,
             } = &mut *locked;
-            tracing::trace!(?event, epoch = %machine.now(), "step");
             let before = machine.state().clone();
             let reply = machine.step(event, effects);
+            let mut work = Vec::new();
             for effect in effects.drain(..) {
                 match effect {
                     Effect::Attempt(epoch) => work.push(Work::Attempt(epoch)),
@@ -193,7 +204,6 @@ impl Core {
                         let (_, conn) = conn.expect("installed what the attempt opened");
                         *lock(&self.slot) = Some((epoch, conn));
                         self.installed.store(epoch.get(), Ordering::Release);
-                        work.push(Work::Watch(epoch));
                     }
                     Effect::Discard(epoch) => {
                         let (_, conn) = opened.take().expect("discarded what the attempt opened");
@@ -226,6 +236,10 @@ impl Core {
                             done: tx,
                         });
                     }
+                    Effect::Evict => {
+                        self.installed.store(0, Ordering::Release);
+                        evicted = lock(&self.slot).take();
+                    }
                     Effect::Retry(epoch) => work.push(Work::Retry(epoch)),
                     Effect::ResetBackoff => work.push(Work::ResetBackoff),
                     Effect::Stable(epoch) => work.push(Work::Stable(epoch)),
@@ -233,21 +247,46 @@ impl Core {
                     Effect::Wake => wake = true,
                 }
             }
-            let after = machine.state();
-            if !same_state(&before, after) {
-                tracing::debug!(epoch = %machine.now(), from = %before, to = %after, "transition");
-                self.state_tx.send_replace(after.clone());
+            // Queued in the order of the steps, so the driver never sees an older step's work
+            // after a newer one's.
+            let queued = !work.is_empty();
+            if queued {
+                lock(&self.work).extend(work);
             }
-            reply
+            let after = machine.state();
+            let publish = (!same_state(&before, after)).then(|| {
+                *steps += 1;
+                (*steps, after.clone())
+            });
+            (reply, publish, queued, before)
         };
-        if !work.is_empty() {
-            lock(&self.work).extend(work);
+        if let Some((step, state)) = publish {
+            tracing::debug!(epoch = %self.clock.now(), from = %before, to = %state, "transition");
+            self.publish(step, state);
+        }
+        if queued {
             self.wake_driver.notify_one();
         }
         if wake {
             self.wake_waiters();
         }
+        drop((evicted, before));
         (reply, done)
+    }
+
+    /// Publishes the state of `step`, unless a later step's state is already out (steps publish
+    /// after the machine's lock is released, and may race).
+    fn publish(&self, step: u64, state: State) {
+        let mut replaced = None;
+        self.state_tx.send_if_modified(|current| {
+            if step <= self.published.load(Ordering::Relaxed) {
+                return false;
+            }
+            self.published.store(step, Ordering::Relaxed);
+            replaced = Some(std::mem::replace(current, state));
+            true
+        });
+        drop(replaced);
     }
 
     fn wake_waiters(&self) {
@@ -397,7 +436,7 @@ impl Core {
     pub(crate) fn register_waiter(&self, waiter: u64, cx: &mut Context<'_>) {
         let mut waiters = lock(&self.waiters);
         match waiters.get_mut(&waiter) {
-            Some(w) if w.will_wake(cx.waker()) => {}
+            // `clone_from` keeps the waker it has if it would wake the same task.
             Some(w) => w.clone_from(cx.waker()),
             None => {
                 waiters.insert(waiter, cx.waker().clone());
@@ -441,20 +480,6 @@ impl Core {
         self.apply(Event::AttemptCancelled);
     }
 
-    /// Runs `f` on the connection installed at `epoch`, if it still is (under the slot's
-    /// lock, not the machine's).
-    pub(crate) fn with_installed<R>(
-        &self,
-        epoch: Epoch,
-        f: impl FnOnce(&AnyConn) -> R,
-    ) -> Option<R> {
-        let slot = lock(&self.slot);
-        match &*slot {
-            Some((e, conn)) if *e == epoch => Some(f(conn)),
-            _ => None,
-        }
-    }
-
     pub(crate) fn retry_armed(&self, epoch: Epoch, delay: Option<std::time::Duration>) {
         self.apply(Event::RetryArmed { epoch, delay });
     }
@@ -480,30 +505,54 @@ impl Core {
     /// The driver has stopped: terminal state; whatever it held is dropped with it.
     pub(crate) fn stopped(&self) {
         self.apply(Event::Stopped);
-        self.installed.store(0, Ordering::Release);
-        let dropped = lock(&self.slot).take();
-        let queued = self.take_work();
-        drop((dropped, queued));
+        // Work the driver will never do: the connections in it are dropped, closed all the same.
+        drop(self.take_work());
     }
 }
 
 /// Whether two states are the same for subscribers (the errors they carry are compared by
-/// identity, not by value).
+/// identity, not by value: no user code runs).
 fn same_state(a: &State, b: &State) -> bool {
+    use State::*;
     match (a, b) {
-        (State::Idle, State::Idle) | (State::Shutdown, State::Shutdown) => true,
+        (Idle, Idle) | (Shutdown, Shutdown) => true,
         (
-            State::Connecting {
+            Connecting {
                 epoch: a,
                 attempt: n,
             },
-            State::Connecting {
+            Connecting {
                 epoch: b,
                 attempt: m,
             },
-        ) => a == b && n == m,
-        (State::Connected { epoch: a }, State::Connected { epoch: b })
-        | (State::Disconnecting { epoch: a }, State::Disconnecting { epoch: b }) => a == b,
+        ) => (a, n) == (b, m),
+        (Connected { epoch: a }, Connected { epoch: b })
+        | (Disconnecting { epoch: a }, Disconnecting { epoch: b }) => a == b,
+        (
+            WaitingToRetry {
+                epoch: a,
+                attempt: n,
+                delay: d,
+                last_error: x,
+            },
+            WaitingToRetry {
+                epoch: b,
+                attempt: m,
+                delay: e,
+                last_error: y,
+            },
+        ) => (a, n, d) == (b, m, e) && x.ptr_eq(y),
+        (
+            GaveUp {
+                attempts: n,
+                last_error: x,
+            },
+            GaveUp {
+                attempts: m,
+                last_error: y,
+            },
+        ) => n == m && x.ptr_eq(y),
+        (Refused { last_error: x }, Refused { last_error: y }) => x.ptr_eq(y),
         _ => false,
     }
 }

@@ -184,6 +184,9 @@ where
     let mut stopping = false;
 
     loop {
+        // A connector and a monitor that complete at once must not turn this loop into one
+        // that never yields.
+        tokio::task::consume_budget().await;
         for work in core.take_work() {
             match work {
                 Work::Close {
@@ -220,33 +223,6 @@ where
                         (epoch, timed_out, done)
                     }));
                 }
-                Work::Watch(epoch) => {
-                    let started = core.with_installed(epoch, |conn| {
-                        let conn = conn
-                            .downcast_ref::<M::Response>()
-                            .expect("the slot holds the connector's connections");
-                        catch_unwind(AssertUnwindSafe(|| monitor.monitor(conn, epoch)))
-                    });
-                    watching = match started {
-                        Some(Ok(watch)) => {
-                            let watch =
-                                AssertUnwindSafe(watch)
-                                    .catch_unwind()
-                                    .map(|ended| match ended {
-                                        Ok(Ok(())) => Ok(()),
-                                        Ok(Err(error)) => Err(Error::connection_failed(error)),
-                                        Err(panic) => Err(panicked("monitor", &*panic)),
-                                    });
-                            Some((epoch, Box::pin(watch)))
-                        }
-                        Some(Err(panic)) => {
-                            let error = panicked("monitor", &*panic);
-                            Some((epoch, Box::pin(std::future::ready(Err(error)))))
-                        }
-                        None => None,
-                    };
-                }
-                _ if stopping => {}
                 Work::Stop => {
                     stopping = true;
                     queued = None;
@@ -275,6 +251,13 @@ where
                             )
                         }
                     };
+                    // A timer that panics when polled fires at once.
+                    let timer: Timer =
+                        Box::pin(AssertUnwindSafe(timer).catch_unwind().map(|fired| {
+                            if let Err(panic) = fired {
+                                panicked("backoff", &*panic);
+                            }
+                        }));
                     backoff = Some((epoch, timer));
                     core.retry_armed(epoch, delay);
                 }
@@ -299,7 +282,16 @@ where
             (epoch, outcome) = poll_fn(|cx| poll_attempts(&mut attempts, cx)), if !attempts.is_empty() => {
                 match outcome {
                     Ok(conn) => {
-                        core.opened(epoch, Box::new(conn) as AnyConn);
+                        // The monitor is made while the driver still owns the connection, with
+                        // no lock held, and only for an attempt still current: one that went
+                        // stale is discarded (rule 1) unwatched.
+                        let watch = core
+                            .clock
+                            .is_current(epoch)
+                            .then(|| start_monitor(&mut monitor, &conn, epoch));
+                        if core.opened(epoch, Box::new(conn) as AnyConn) {
+                            watching = watch.map(|watch| (epoch, watch));
+                        }
                     }
                     Err(error) => core.attempt_failed(epoch, error),
                 }
@@ -367,6 +359,25 @@ where
             }
             () = core.driver_notified() => {}
         }
+    }
+}
+
+/// Starts the monitor of `conn`, installed at `epoch`; a panic is a failure of the connection.
+fn start_monitor<C, W>(monitor: &mut W, conn: &C, epoch: Epoch) -> Boxed<Result<(), Error>>
+where
+    W: Monitor<C, Future: Send + 'static>,
+{
+    match catch_unwind(AssertUnwindSafe(|| monitor.monitor(conn, epoch))) {
+        Ok(watch) => Box::pin(
+            AssertUnwindSafe(watch)
+                .catch_unwind()
+                .map(|ended| match ended {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(Error::connection_failed(error)),
+                    Err(panic) => Err(panicked("monitor", &*panic)),
+                }),
+        ),
+        Err(panic) => Box::pin(std::future::ready(Err(panicked("monitor", &*panic)))),
     }
 }
 

@@ -25,6 +25,13 @@ impl SharedError {
     }
 }
 
+impl SharedError {
+    /// Whether both share one error.
+    pub(crate) fn ptr_eq(&self, other: &SharedError) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 impl From<BoxError> for SharedError {
     fn from(error: BoxError) -> Self {
         SharedError(Arc::from(error))
@@ -92,6 +99,12 @@ pub enum Error {
     /// nothing retries until the next `connect()`.
     #[error("refused with a permanent error")]
     Refused(#[source] SharedError),
+
+    /// The peer ended the connection normally before it was up for the stable period, under
+    /// [`NormalEnd::Reconnect`](crate::NormalEnd::Reconnect): the reconnect goes through the
+    /// backoff, as after a failure.
+    #[error("the peer ended the connection before it was stable")]
+    EndedEarly,
 
     /// User code the middleware ran (the connector, a teardown, a monitor, the backoff)
     /// panicked. The panic is contained: it counts as a failure of that attempt or connection.

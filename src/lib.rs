@@ -9,14 +9,19 @@
 //! - a [`Handle`] to [`connect`](Handle::connect), [`disconnect`](Handle::disconnect) (awaitable
 //!   until the close completed), [`suspend`](Handle::suspend) and [`resume`](Handle::resume) (the
 //!   browser's `pagehide`/`pageshow`), and to observe the [`State`] and a [`Ledger`] of counters;
-//! - automatic reconnect with [backoff] after a failure, reset only once a
-//!   connection has stayed up for a stable period, with an optional attempt limit;
+//! - automatic reconnect with [backoff] after a failure (full jitter by default, so that a herd
+//!   of clients dropped at once does not come back at once), reset only once a connection has
+//!   stayed up for a stable period, with an optional attempt limit,
+//!   [`reconnect_now`](Handle::reconnect_now) to skip a wait, and errors classified as
+//!   permanent ([`ReconnectLayer::with_permanent_error`]) that stop the retries;
 //! - connect and close timeouts, a pluggable graceful [teardown], and a
-//!   [monitor](teardown::Monitor) that notices a dead connection without waiting for a request;
+//!   [monitor](teardown::Monitor) that notices a dead connection without waiting for a request,
+//!   with a policy for a normal end by the peer ([`NormalEnd`]: stay idle after a WebSocket
+//!   close 1000, reconnect after an HTTP/2 GOAWAY);
 //! - when the connection is itself a `Service<Req>`, the [`Reconnect`] service: a cheap-to-clone
 //!   request path whose readiness follows the connection.
 //!
-//! Every operation is tagged with an [`Epoch`] of a per-connection [clock](crate::epoch::Clock).
+//! Every operation is tagged with an [`Epoch`] of a per-connection clock.
 //! This is the `connectClock` of the Phoenix JavaScript client made into a reusable guard: a
 //! connect attempt, teardown, backoff timer or failure report started in one epoch can never
 //! damage the connection of a newer one.
@@ -48,12 +53,15 @@
 //!
 //! ## How the guarantees are kept
 //!
-//! Every transition happens synchronously under one mutex at the moment the operation is
-//! called: `disconnect()` has released the installed connection before it returns. A background
-//! [`Driver`] performs the I/O that transitions ask for (attempts, teardowns, timers) and reports
-//! each outcome back through the same transitions, which compare its epoch with the clock. The
-//! request path checks that its cached connection is still the installed one with a single
-//! atomic load.
+//! The protocol is one pure function of (state, event) that returns effects (`src/machine.rs`).
+//! Every transition is one step of it, under one mutex, at the moment the operation is called:
+//! `disconnect()` has released the installed connection before it returns. No user code runs
+//! under that mutex. A background [`Driver`] performs the I/O that transitions ask for
+//! (attempts, teardowns, monitors, backoff timers) and reports each outcome back as an event,
+//! which the machine compares with the clock. User code the driver runs is contained: a panic
+//! in the connector, a teardown, a monitor or the backoff is a failure of that attempt or
+//! connection ([`Error::Panicked`]), and the driver goes on. The request path checks that its
+//! cached connection is still the installed one with a single atomic load.
 //!
 //! Where this differs from the letter of Phoenix: the installed slot is released when
 //! `disconnect()` is called rather than when the asynchronous close finishes, so a teardown
@@ -106,7 +114,12 @@
 //! worker does the waiting and the request's future, which the timeout bounds, waits for it),
 //! or bound `ready()` yourself with `tokio::time::timeout`. A `Buffer` stops for good at the
 //! first error of `poll_ready`, which this layer returns only for terminal conditions
-//! ([`Error::GaveUp`], [`Error::Shutdown`]) or under [`WhenDisconnected::FailFast`].
+//! ([`Error::GaveUp`], [`Error::Refused`], [`Error::Shutdown`]) or under
+//! [`WhenDisconnected::FailFast`].
+//!
+//! A layer can be applied many times (one backend each, say): each application manages a
+//! connection of its own, controlled by its service's [`Reconnect::handle`]; the layer's own
+//! [`handle`](ReconnectLayer::handle) is the first application's.
 //!
 //! # Features
 //!

@@ -34,7 +34,10 @@ pub enum NormalEnd {
     #[default]
     Idle,
     /// The connection is released and a new attempt starts at once, through the backoff if it
-    /// fails (right for an HTTP/2 connection ended by GOAWAY: the server restarts).
+    /// fails (right for an HTTP/2 connection ended by GOAWAY: the server restarts). A
+    /// connection ended before it was up for the stable period counts as a failure
+    /// ([`Error::EndedEarly`]): it waits out the backoff and counts toward the attempt limit,
+    /// so a peer that accepts and ends at once cannot cause a reconnect storm.
     Reconnect,
 }
 
@@ -144,6 +147,8 @@ pub(crate) enum Effect {
     Wake,
     /// Stop starting anything: every user is gone.
     Stop,
+    /// The driver is gone: empty the slot (what it holds is dropped).
+    Evict,
 }
 
 #[derive(Debug)]
@@ -207,6 +212,7 @@ impl Machine {
                 self.reset_backoff(effects);
                 Reply::Epoch(Ok(self.start_attempt(effects)))
             }
+            // Nothing is left to release once the driver has stopped.
             Event::Disconnect if shut => Reply::Took(false),
             // Rule 8: a deliberate disconnect releases, and nothing reconnects.
             Event::Disconnect => Reply::Took(self.release(CloseCause::Disconnect, true, effects)),
@@ -215,6 +221,7 @@ impl Machine {
                 self.release(CloseCause::Suspend, false, effects);
                 Reply::Token(Some(self.now()))
             }
+            // Not connecting, connected or waiting to retry: nothing to come back to.
             Event::Suspend => Reply::Token(None),
             // Rule 5: a resume acts only if nothing changed the intent since its suspend.
             Event::Resume { token } if token != self.now() => {
@@ -223,6 +230,7 @@ impl Machine {
                     now: self.now(),
                 }))
             }
+            // The clock still reads the suspend's epoch: reconnect with a fresh session.
             Event::Resume { .. } => {
                 self.reset_backoff(effects);
                 Reply::Epoch(Ok(self.start_attempt(effects)))
@@ -240,6 +248,7 @@ impl Machine {
                 self.ledger.attempts += 1;
                 Reply::Took(true)
             }
+            // Went stale while the connector was getting ready: it is not called.
             Event::AttemptStarting { .. } => Reply::Took(false),
             // The attempt's epoch is still current: install it.
             Event::Opened { epoch } if self.is_current(epoch) => {
@@ -258,6 +267,7 @@ impl Machine {
                 effects.push(Effect::Discard(epoch));
                 Reply::Took(false)
             }
+            // The current attempt failed: a retry after the backoff, or a terminal state.
             Event::AttemptFailed {
                 epoch,
                 error,
@@ -272,6 +282,7 @@ impl Machine {
                 self.ledger.ignored += 1;
                 Reply::Took(false)
             }
+            // A stale attempt dropped by the driver: it opened nothing, and is counted.
             Event::AttemptCancelled => {
                 self.ledger.cancelled += 1;
                 Reply::Took(true)
@@ -293,6 +304,7 @@ impl Machine {
                 self.ledger.ignored += 1;
                 Reply::Took(false)
             }
+            // The peer ended the installed connection normally: the policy decides.
             Event::Ended { epoch } if self.installed == Some(epoch) => {
                 self.ledger.ended += 1;
                 match self.policy.normal_end {
@@ -300,18 +312,29 @@ impl Machine {
                     NormalEnd::Idle => {
                         self.release(CloseCause::Ended, false, effects);
                     }
-                    // Released, and a new attempt at once (its failure goes through backoff).
-                    NormalEnd::Reconnect => {
+                    // Up for the stable period: released, and a new attempt at once.
+                    NormalEnd::Reconnect if self.attempt == 0 => {
                         self.take_installed(epoch, CloseCause::Ended, false, effects);
                         self.start_attempt(effects);
+                    }
+                    // Ended before it was stable: a peer that accepts and says goodbye at once
+                    // gets the backoff and the attempt limit, as a failure does.
+                    NormalEnd::Reconnect => {
+                        self.ledger.failures += 1;
+                        self.take_installed(epoch, CloseCause::Ended, false, effects);
+                        let early = SharedError::new(Error::EndedEarly);
+                        self.fail(epoch, early, false, effects);
                     }
                 }
                 Reply::Took(true)
             }
+            // Rule 3: a normal end of a connection no longer installed is ignored.
             Event::Ended { .. } => {
                 self.ledger.ignored += 1;
                 Reply::Took(false)
             }
+            // The driver armed the backoff timer: the published state carries its delay, if
+            // the retry it was armed for is still the one waiting.
             Event::RetryArmed { epoch, delay } => match &mut self.state {
                 State::WaitingToRetry {
                     epoch: waiting,
@@ -331,6 +354,7 @@ impl Machine {
                 self.start_attempt(effects);
                 Reply::Took(true)
             }
+            // Rule 4: a stale timer does nothing.
             Event::TimerFired { .. } => {
                 self.ledger.ignored += 1;
                 Reply::Took(false)
@@ -340,6 +364,7 @@ impl Machine {
                 self.reset_backoff(effects);
                 Reply::Took(true)
             }
+            // The connection it was armed for is gone: nothing to reset.
             Event::Stable { .. } => Reply::Took(false),
             // Rule 2: a teardown always closed its own connection; it changes the published
             // state only if nothing happened since the release.
@@ -362,6 +387,7 @@ impl Machine {
             // The driver is gone, and what it held with it: closed all the same, so the books
             // balance.
             Event::Stopped => {
+                effects.push(Effect::Evict);
                 self.clock.tick();
                 self.ledger.closed += self.closing + u64::from(self.installed.is_some());
                 self.closing = 0;
@@ -417,11 +443,15 @@ impl Machine {
     ) {
         self.installed = None;
         self.closing += 1;
-        effects.push(Effect::Release {
-            epoch,
-            cause,
-            notify,
-        });
+        // Services waiting on its readiness look again (and fail fast if they should).
+        effects.extend([
+            Effect::Release {
+                epoch,
+                cause,
+                notify,
+            },
+            Effect::Wake,
+        ]);
     }
 
     /// A failure of the attempt or connection of `epoch`: terminal if permanent or if the

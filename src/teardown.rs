@@ -6,8 +6,27 @@
 //! dropped, and with it the connection it owns.
 //!
 //! The default, [`DropTeardown`], drops the connection: right for connections whose `Drop`
-//! releases everything (most tower services). Anything that must drain or say goodbye (a
-//! WebSocket Close frame, an HTTP/2 GOAWAY) implements `Teardown` or passes a closure:
+//! releases everything and that no one else holds. Anything that must drain or say goodbye (a
+//! WebSocket Close frame, an HTTP/2 GOAWAY) implements `Teardown` or passes a closure.
+//!
+//! # What `disconnect().await` promises
+//!
+//! [`Handle::disconnect`](crate::Handle::disconnect) resolves once the teardown of the released
+//! connection has completed (or was cut at the close timeout). Whether the connection is then
+//! *closed* is the teardown's doing:
+//!
+//! - A teardown that closes the connection for every copy of it (sends Close, shuts the socket,
+//!   tells the task that owns it to end) makes it closed, however many copies exist. The
+//!   WebSocket client of this crate does this.
+//! - [`DropTeardown`] drops the middleware's own copy only. A connection that is a cloneable
+//!   handle to a task (hyper's `SendRequest`, a channel to a socket owner, anything whose task
+//!   lives while a clone lives) stays open while other copies live: each [`Reconnect`] clone
+//!   that served a request caches one until its next `poll_ready` or its drop, so idle clones
+//!   keep it open. For such connections, close them explicitly in a teardown of your own.
+//!
+//! [`Reconnect`]: crate::Reconnect
+//!
+//! A teardown that says goodbye:
 //!
 //! ```
 //! use tower_epoch::{ReconnectLayer, teardown::CloseCause};
@@ -39,7 +58,8 @@ pub enum CloseCause {
     /// It failed while installed; a reconnect follows.
     Failed,
     /// The peer ended it normally ([`Handle::report_closed`](crate::Handle::report_closed) or a
-    /// [`Monitor`] that completed with `Ok`); no reconnect follows.
+    /// [`Monitor`] that completed with `Ok`); what follows is the layer's
+    /// [`NormalEnd`](crate::NormalEnd) policy.
     Ended,
     /// Its attempt's epoch went stale before it completed: it was never installed (rule 1).
     Stale,
@@ -87,8 +107,9 @@ where
 /// The default teardown: drops the connection.
 ///
 /// Only the middleware's copy is dropped: [`Reconnect`](crate::Reconnect) clones keep theirs
-/// until their next `poll_ready`. For a connection that is a cloneable handle to a task (a
-/// channel to a socket owner), close it explicitly in a teardown of your own.
+/// until their next `poll_ready` or their drop. For a connection that is a cloneable handle to
+/// a task (hyper's `SendRequest`, a channel to a socket owner), close it explicitly in a
+/// teardown of your own (see [the module docs](self#what-disconnectawait-promises)).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DropTeardown;
 
@@ -106,10 +127,14 @@ impl<C> Teardown<C> for DropTeardown {
 ///
 /// The driver starts `monitor` for each connection it installs, with that connection's epoch,
 /// and drops the future when the connection is released: a transport can run its per-connection
-/// work (reading, heartbeats) in it and tag what it produces with the epoch. If the future completes while its connection is still installed:
+/// work (reading, heartbeats) in it and tag what it produces with the epoch. If the future
+/// completes while its connection is still installed:
 /// `Err` is a failure of that connection (rule 3 applies: a reconnect follows), `Ok(())` means
-/// the peer ended it normally (the connection is released and no reconnect follows, like a
-/// WebSocket close with code 1000). Implemented for `FnMut(&C, Epoch) -> impl Future` closures:
+/// the peer ended it normally: the connection is released, and the layer's
+/// [`NormalEnd`](crate::NormalEnd) policy decides what follows (by default nothing, as after a
+/// WebSocket close with code 1000; [`NormalEnd::Reconnect`](crate::NormalEnd::Reconnect) for
+/// an HTTP/2 GOAWAY). A monitor that panics is a failure of its connection. Implemented for
+/// `FnMut(&C, Epoch) -> impl Future` closures:
 ///
 /// ```
 /// use tower_epoch::{BoxError, Epoch, ReconnectLayer};
@@ -127,6 +152,12 @@ pub trait Monitor<C> {
     type Future: Future<Output = Result<(), crate::BoxError>>;
 
     /// Starts watching `conn`, installed at `epoch`.
+    ///
+    /// It is called while the connection is held in place (the lock of the installed slot,
+    /// not the state machine's), so that it cannot be released meanwhile: return the future
+    /// without waiting, and do not call [`Handle::connection`](crate::Handle::connection) from
+    /// here (clone what the future needs from `conn` instead). A panic here is a failure of
+    /// the connection.
     fn monitor(&mut self, conn: &C, epoch: Epoch) -> Self::Future;
 }
 

@@ -185,6 +185,10 @@ async fn a_panicking_connector_fails_its_attempt_and_the_driver_goes_on() {
         settle().await;
         let state = handle.state();
         assert_eq!(panicked(&state), Some("connector"), "{step:?}: {state}");
+        assert!(
+            state.to_string().contains("a connector whose"),
+            "the panic's message is kept: {state}"
+        );
         assert_eq!(handle.ledger().failures, 1, "{step:?}");
         advance(BACKOFF).await;
         assert!(
@@ -363,6 +367,7 @@ async fn the_books_balance_when_the_driver_is_dropped_mid_teardown() {
         .with_close_timeout(Duration::from_secs(60));
     let handle = layer.handle();
     let (_svc, driver) = layer.build(connector.clone());
+    assert_eq!(format!("{driver:?}"), "Driver { .. }");
     let driver = tokio::spawn(driver);
     handle.connect().unwrap();
     settle().await;
@@ -444,4 +449,139 @@ async fn stale_attempts_are_capped_so_toggles_hold_bounded_memory() {
     assert_eq!(ledger.attempts, 1000);
     assert!(ledger.cancelled >= 996, "{ledger:?}");
     assert_eq!(ledger.opened, 0);
+}
+
+/// A monitor that reports on its connection from inside `monitor()` (it finds it dead at once)
+/// runs with no lock held: no deadlock. Run on a thread of its own, bounded.
+#[test]
+fn a_monitor_that_reports_at_once_does_not_deadlock() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let connector = Scripted::new([]);
+            let layer = layer();
+            let handle = layer.handle();
+            let reporter = handle.clone();
+            let layer = layer.with_monitor(move |_: &Echo, epoch| {
+                // Not installed yet when the monitor is made: ignored (rule 3), but it must
+                // not block; the same goes for every other handle call.
+                reporter.report_failure(epoch, "dead on arrival");
+                let _ = reporter.ledger();
+                pending::<Result<(), BoxError>>()
+            });
+            let _svc = layer.layer(connector.clone());
+            handle.connect().unwrap();
+            settle().await;
+            assert!(handle.state().is_connected(), "{}", handle.state());
+            assert_eq!(handle.ledger().ignored, 1);
+        });
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("no deadlock: the scenario finished");
+}
+
+/// A backoff whose timer panics when polled.
+#[derive(Clone, Default)]
+struct PanickyTimer;
+
+impl MakeBackoff for PanickyTimer {
+    type Backoff = PanickyTimer;
+    fn make_backoff(&mut self) -> PanickyTimer {
+        PanickyTimer
+    }
+}
+
+impl Backoff for PanickyTimer {
+    type Future = Pin<Box<dyn Future<Output = ()> + Send>>;
+    fn next_backoff(&mut self) -> Self::Future {
+        Box::pin(async {
+            tokio::time::sleep(BACKOFF).await;
+            panic!("a backoff timer that panics");
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backoff_timer_that_panics_fires() {
+    let connector = Scripted::new([Step::PanicFuture]);
+    let layer = layer().with_backoff(PanickyTimer);
+    let handle = layer.handle();
+    let _svc = layer.layer(connector.clone());
+    handle.connect().unwrap();
+    settle().await;
+    assert!(matches!(handle.state(), State::WaitingToRetry { .. }));
+    advance(BACKOFF).await;
+    assert!(handle.state().is_connected(), "{}", handle.state());
+}
+
+/// Many threads change the intent at once while the driver works on a multi-thread runtime:
+/// the work of each step reaches the driver in the order of the steps, so the last intent
+/// always holds in the end (no attempt lost, no timer overwritten).
+#[test]
+fn concurrent_intents_from_many_threads_end_in_the_last_one() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for round in 0..20 {
+        let connector = Scripted::new((0..400).map(|i| match i % 4 {
+            0 => Step::Slow(Duration::from_micros(200)),
+            1 => Step::PanicFuture,
+            _ => Step::Ok,
+        }));
+        let layer = ReconnectLayer::new(())
+            .with_backoff(Schedule::new([Duration::from_micros(100)]).unwrap())
+            .with_connect_timeout(Duration::from_secs(5));
+        let handle = {
+            let _guard = rt.enter();
+            let handle = layer.handle();
+            drop(layer.layer(connector.clone()));
+            handle
+        };
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let handle = handle.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        match (t + i) % 4 {
+                            0 => drop(handle.connect()),
+                            1 => drop(handle.disconnect()),
+                            2 => {
+                                if let Some(token) = handle.suspend() {
+                                    let _ = handle.resume(token);
+                                }
+                            }
+                            _ => drop(handle.reconnect_now()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        handle.connect().unwrap();
+        let mut states = handle.subscribe();
+        let reached = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                states.wait_for(State::is_connected),
+            )
+            .await
+        });
+        assert!(
+            matches!(reached, Ok(Ok(_))),
+            "round {round}: the last intent (connect) did not hold: {} {:?}",
+            handle.state(),
+            handle.ledger()
+        );
+    }
 }

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::task::Poll;
 use std::time::Duration;
 
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
@@ -313,4 +314,28 @@ async fn a_failure_can_be_reported_from_a_thread_outside_the_runtime() {
     ));
     common::advance(Duration::from_millis(100)).await;
     assert!(handle.state().is_connected());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_waiting_on_a_connection_that_fails_is_woken_and_fails_fast() {
+    let (conn, mut inner) = mock::pair::<u32, u32>();
+    let layer = layer().when_disconnected(WhenDisconnected::FailFast);
+    let handle = layer.handle();
+    let mut svc = Spawn::new(layer.layer(connector(conn, vec![])));
+    let epoch = handle.connect().unwrap();
+    common::settle().await;
+    inner.allow(0);
+    assert!(
+        svc.poll_ready::<u32>().is_pending(),
+        "the connection is not ready"
+    );
+    assert!(handle.report_failure(epoch, "reset"));
+    assert!(svc.is_woken(), "the release wakes it");
+    let Poll::Ready(Err(error)) = svc.poll_ready::<u32>() else {
+        panic!("fails fast once the connection is gone");
+    };
+    assert!(matches!(
+        error.downcast_ref::<Error>(),
+        Some(Error::NotConnected)
+    ));
 }

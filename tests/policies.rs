@@ -43,11 +43,12 @@ async fn a_normal_end_goes_idle_by_default() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_normal_end_reconnects_at_once_under_normal_end_reconnect() {
+async fn a_normal_end_of_a_stable_connection_reconnects_at_once_under_normal_end_reconnect() {
     let ledger = Ledger::new();
     let (_svc, handle) = monitored(&ledger, NormalEnd::Reconnect);
     let first = handle.connect().unwrap();
     settle().await;
+    advance(Duration::from_secs(1)).await; // the stable period
     handle.connection::<Conn>().unwrap().1.end(false);
     settle().await;
     let State::Connected { epoch } = handle.state() else {
@@ -70,10 +71,45 @@ async fn report_closed_follows_the_normal_end_policy() {
     let ledger = Ledger::new();
     let (_svc, handle) = start(&ledger, layer(&ledger).on_normal_end(NormalEnd::Reconnect));
     let epoch = handle.connect().unwrap();
-    settle().await;
+    advance(Duration::from_secs(1)).await;
     assert!(handle.report_closed(epoch));
     settle().await;
     assert_eq!(handle.connection::<Conn>().unwrap().1.id, 2);
+}
+
+/// A peer that accepts and ends at once (GOAWAY right after the handshake) gets the backoff
+/// and the attempt limit, not a reconnect storm.
+#[tokio::test(start_paused = true)]
+async fn a_normal_end_before_the_stable_period_goes_through_backoff_and_the_limit() {
+    let ledger = Ledger::new();
+    let layer = layer(&ledger)
+        .on_normal_end(NormalEnd::Reconnect)
+        .with_max_attempts(std::num::NonZeroU32::new(3).unwrap())
+        .with_monitor(|conn: &Conn, _| {
+            conn.end(false);
+            conn.ended()
+        });
+    let (_svc, handle) = start(&ledger, layer);
+    handle.connect().unwrap();
+    settle().await;
+    let State::WaitingToRetry { last_error, .. } = handle.state() else {
+        panic!("expected a retry after the backoff, got {}", handle.state());
+    };
+    assert!(matches!(
+        last_error.downcast_ref::<Error>(),
+        Some(Error::EndedEarly)
+    ));
+    assert_eq!(handle.ledger().attempts, 1);
+    for _ in 0..10 {
+        advance(BACKOFF).await;
+    }
+    assert!(
+        matches!(handle.state(), State::GaveUp { attempts: 3, .. }),
+        "{}",
+        handle.state()
+    );
+    let l = handle.ledger();
+    assert_eq!((l.attempts, l.ended, l.failures), (3, 3, 3));
 }
 
 fn refuse_connect_errors(
@@ -325,4 +361,123 @@ async fn drop_teardown_closes_when_the_last_cached_clone_goes() {
     assert_eq!(dropped(), 0, "one clone still holds it");
     drop(clones);
     assert_eq!(dropped(), 1, "closed with its last copy");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handle_shows_its_clock_and_state_when_debugged() {
+    let ledger = Ledger::new();
+    let (_svc, handle) = start(&ledger, layer(&ledger));
+    let epoch = handle.connect().unwrap();
+    settle().await;
+    let shown = format!("{handle:?}");
+    assert!(shown.contains(&format!("clock: {epoch:?}")), "{shown}");
+    assert!(
+        shown.contains(&format!("state: Connected {{ epoch: {epoch:?} }}")),
+        "{shown}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_polled_from_another_task_wakes_that_task() {
+    let ledger = Ledger::new();
+    let (mut svc, handle) = start(&ledger, layer(&ledger));
+    let (first, moved) = (Arc::new(Counting::default()), Arc::new(Counting::default()));
+    assert!(!poll_ready_with(&mut svc, &first));
+    assert!(
+        !poll_ready_with(&mut svc, &moved),
+        "the service moved to another task"
+    );
+    handle.connect().unwrap();
+    settle().await;
+    assert_eq!(
+        moved.0.load(Ordering::SeqCst),
+        1,
+        "the task that polled last is woken"
+    );
+    assert_eq!(first.0.load(Ordering::SeqCst), 0);
+    assert_eq!(Arc::strong_count(&first), 1, "the old waker is not kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_that_found_a_connection_leaves_no_waker_behind() {
+    let ledger = Ledger::new();
+    let (svc, handle) = start(&ledger, layer(&ledger));
+    handle.connect().unwrap();
+    settle().await;
+    let waker = Arc::new(Counting::default());
+    for _ in 0..3 {
+        let mut clone = svc.clone();
+        assert!(poll_ready_with(&mut clone, &waker));
+        drop(clone);
+        assert_eq!(Arc::strong_count(&waker), 1, "forgotten with the service");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ignored_stale_event_wakes_no_subscriber() {
+    let ledger = Ledger::new();
+    ledger.script([Attempt::Fail(Duration::ZERO)]);
+    let (_svc, handle) = start(&ledger, layer(&ledger));
+    let stale = handle.connect().unwrap();
+    settle().await;
+    let mut states = handle.subscribe();
+    assert!(matches!(
+        *states.borrow_and_update(),
+        State::WaitingToRetry { delay: Some(_), .. }
+    ));
+    assert!(!handle.report_failure(stale, "late"));
+    assert!(!handle.report_closed(stale));
+    assert!(
+        !states.has_changed().unwrap(),
+        "nothing changed: {}",
+        *states.borrow()
+    );
+}
+
+/// In every state, an event that changes nothing (a stale report) publishes nothing.
+#[tokio::test(start_paused = true)]
+async fn no_state_is_republished_by_an_event_that_changes_nothing() {
+    let ledger = Ledger::new();
+    ledger.script([
+        Attempt::Ok(Duration::ZERO),
+        Attempt::Ok(Duration::from_secs(2)),
+        Attempt::Fail(Duration::ZERO),
+    ]);
+    ledger.close_script([Close::After(Duration::from_secs(3))]);
+    let layer = layer(&ledger)
+        .with_max_attempts(std::num::NonZeroU32::new(1).unwrap())
+        .with_connect_timeout(Duration::from_secs(10));
+    let (_svc, handle) = start(&ledger, layer);
+    let mut states = handle.subscribe();
+    let mut quiet = |what: &str| {
+        states.borrow_and_update();
+        // Epoch 0 was never installed: every report of it is stale.
+        assert!(!handle.report_failure(tower_epoch::Epoch::ZERO, "stale"));
+        assert!(!handle.report_closed(tower_epoch::Epoch::ZERO));
+        assert!(
+            !states.has_changed().unwrap(),
+            "{what}: republished {}",
+            *states.borrow()
+        );
+    };
+    quiet("idle");
+    handle.connect().unwrap();
+    settle().await;
+    quiet("connected");
+    drop(handle.disconnect()); // connection 1 closes for 3 s
+    settle().await;
+    quiet("disconnecting");
+    handle.connect().unwrap(); // connection 2 takes 2 s
+    settle().await;
+    quiet("connecting");
+    advance(Duration::from_secs(4)).await;
+    drop(handle.disconnect());
+    handle.connect().unwrap(); // fails: the limit of 1 is reached
+    settle().await;
+    assert!(
+        matches!(handle.state(), State::GaveUp { .. }),
+        "{}",
+        handle.state()
+    );
+    quiet("gave up");
 }

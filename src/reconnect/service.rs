@@ -229,12 +229,11 @@ where
             this.conn = None;
         }
         let fail_fast = this.when_disconnected == WhenDisconnected::FailFast;
+        // Waiting services register before they look (so that the drop forgets them).
+        this.registered |= !fail_fast;
         match this.core().checkout::<C>(this.waiter, cx, fail_fast)? {
             Checkout::Installed(epoch, conn) => this.conn = Some((epoch, conn)),
-            Checkout::Wait => {
-                this.registered = true;
-                return Poll::Pending;
-            }
+            Checkout::Wait => return Poll::Pending,
         }
     }
 }
