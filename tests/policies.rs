@@ -112,6 +112,17 @@ async fn a_normal_end_before_the_stable_period_goes_through_backoff_and_the_limi
     assert_eq!((l.attempts, l.ended, l.failures), (3, 3, 3));
 }
 
+/// The state is a retry, and the retry connects after the backoff.
+async fn retries_and_connects(handle: &tower_epoch::Handle) {
+    assert!(
+        matches!(handle.state(), State::WaitingToRetry { .. }),
+        "{}",
+        handle.state()
+    );
+    advance(BACKOFF).await;
+    assert!(handle.state().is_connected(), "{}", handle.state());
+}
+
 fn refuse_connect_errors(
     ledger: &Ledger,
 ) -> tower_epoch::ReconnectLayer<String, Schedule, LedgerTeardown> {
@@ -159,13 +170,7 @@ async fn transient_errors_still_retry_beside_the_permanent_predicate() {
     let (_svc, handle) = start(&ledger, refuse_connect_errors(&ledger));
     handle.connect().unwrap();
     advance(Duration::from_secs(1)).await;
-    assert!(
-        matches!(handle.state(), State::WaitingToRetry { .. }),
-        "{}",
-        handle.state()
-    );
-    advance(BACKOFF).await;
-    assert!(handle.state().is_connected());
+    retries_and_connects(&handle).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -195,13 +200,7 @@ async fn a_panicking_permanent_predicate_classifies_nothing() {
     let (_svc, handle) = start(&ledger, layer);
     handle.connect().unwrap();
     settle().await;
-    assert!(
-        matches!(handle.state(), State::WaitingToRetry { .. }),
-        "{}",
-        handle.state()
-    );
-    advance(BACKOFF).await;
-    assert!(handle.state().is_connected());
+    retries_and_connects(&handle).await;
 }
 
 #[tokio::test(start_paused = true)]
