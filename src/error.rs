@@ -25,13 +25,6 @@ impl SharedError {
     }
 }
 
-impl SharedError {
-    /// Whether both share one error.
-    pub(crate) fn ptr_eq(&self, other: &SharedError) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
 impl From<BoxError> for SharedError {
     fn from(error: BoxError) -> Self {
         SharedError(Arc::from(error))

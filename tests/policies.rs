@@ -479,4 +479,19 @@ async fn no_state_is_republished_by_an_event_that_changes_nothing() {
         handle.state()
     );
     quiet("gave up");
+
+    let ledger = Ledger::new();
+    ledger.script([Attempt::Fail(Duration::ZERO)]);
+    let (_svc, handle) = start(&ledger, refuse_connect_errors(&ledger));
+    handle.connect().unwrap();
+    settle().await;
+    assert!(
+        matches!(handle.state(), State::Refused { .. }),
+        "{}",
+        handle.state()
+    );
+    let mut states = handle.subscribe();
+    states.borrow_and_update();
+    assert!(!handle.report_failure(tower_epoch::Epoch::ZERO, "stale"));
+    assert!(!states.has_changed().unwrap(), "refused: republished");
 }
