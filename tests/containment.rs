@@ -390,6 +390,11 @@ async fn the_books_balance_when_the_driver_is_dropped_mid_teardown() {
         0,
         "the attempt went too"
     );
+    handle.disconnect().await;
+    assert!(
+        matches!(handle.state(), State::Shutdown),
+        "a disconnect changes nothing"
+    );
     assert!(matches!(handle.connect(), Err(Error::Shutdown)));
 }
 
@@ -584,4 +589,21 @@ fn concurrent_intents_from_many_threads_end_in_the_last_one() {
             handle.ledger()
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_that_went_stale_while_the_connector_got_ready_is_not_made() {
+    let (connector, mut control) = tower_test::mock::pair::<(), Echo>();
+    control.allow(0);
+    let layer = layer();
+    let handle = layer.handle();
+    let _svc = layer.layer(connector);
+    handle.connect().unwrap();
+    settle().await; // the driver waits for the connector's readiness
+    drop(handle.disconnect());
+    control.allow(1);
+    settle().await;
+    assert_eq!(handle.ledger().attempts, 0, "the connector was not called");
+    let called = tokio::time::timeout(Duration::from_secs(1), control.next_request()).await;
+    assert!(called.is_err(), "no request reached the connector");
 }

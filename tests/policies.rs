@@ -495,3 +495,31 @@ async fn no_state_is_republished_by_an_event_that_changes_nothing() {
     assert!(!handle.report_failure(tower_epoch::Epoch::ZERO, "stale"));
     assert!(!states.has_changed().unwrap(), "refused: republished");
 }
+
+/// The stable-period timer of a connection that failed first does not reset the backoff of the
+/// retries that follow.
+#[tokio::test(start_paused = true)]
+async fn a_stable_timer_of_a_failed_connection_resets_nothing() {
+    let ledger = Ledger::new();
+    let delays = [800, 1600, 3200].map(Duration::from_millis);
+    let (_svc, handle) = start(
+        &ledger,
+        layer(&ledger).with_backoff(Schedule::new(delays).unwrap()),
+    );
+    let first = handle.connect().unwrap();
+    settle().await;
+    advance(Duration::from_millis(500)).await;
+    assert!(handle.report_failure(first, "dropped"));
+    // Its stable timer fires at 1 s, during the 800 ms wait.
+    advance(Duration::from_millis(600)).await;
+    advance(Duration::from_millis(200)).await;
+    let (second, _) = handle.connection::<Conn>().unwrap();
+    advance(Duration::from_millis(500)).await;
+    assert!(handle.report_failure(second, "dropped again"));
+    settle().await;
+    assert!(
+        matches!(handle.state(), State::WaitingToRetry { attempt: 3, delay: Some(d), .. } if d == delays[1]),
+        "the backoff grows: {}",
+        handle.state()
+    );
+}

@@ -313,3 +313,36 @@ async fn rule_8_deliberate_disconnect_never_triggers_a_reconnect() {
     assert_eq!(handle.ledger().attempts, 3);
     assert!(handle.state().is_connected());
 }
+
+/// Rules 2 and 7: a connection discarded as stale (rule 1) is closing too, so a disconnect's
+/// `Disconnecting` lasts until its teardown is done as well.
+#[tokio::test(start_paused = true)]
+async fn disconnecting_lasts_until_a_discarded_connection_is_closed_too() {
+    let ledger = Ledger::new();
+    ledger.script([Attempt::Ok(2000 * MS), Attempt::Ok(Duration::ZERO)]);
+    ledger.default_close(Close::After(SLOW_CLOSE));
+    let (_svc, handle) = start(
+        &ledger,
+        layer(&ledger).with_connect_timeout(Duration::from_secs(10)),
+    );
+    handle.connect().unwrap(); // slow: it will come in stale
+    settle().await;
+    drop(handle.disconnect());
+    handle.connect().unwrap();
+    settle().await;
+    assert!(handle.state().is_connected());
+    advance(500 * MS).await;
+    drop(handle.disconnect()); // its close ends at 3.5 s
+    advance(1500 * MS).await; // 2 s: the slow attempt is discarded; its close ends at 5 s
+    assert_eq!(handle.ledger().discarded, 1);
+    advance(1500 * MS).await;
+    assert_eq!(handle.ledger().closed, 1);
+    assert!(
+        matches!(handle.state(), State::Disconnecting { .. }),
+        "{}",
+        handle.state()
+    );
+    advance(1500 * MS).await;
+    assert_eq!(handle.ledger().closed, 2);
+    assert!(matches!(handle.state(), State::Idle), "{}", handle.state());
+}
