@@ -283,6 +283,16 @@ mod tests {
     }
 
     #[test]
+    fn phoenix_is_phoenixs_list() {
+        let ms: Vec<u64> = Schedule::phoenix()
+            .delays()
+            .iter()
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        assert_eq!(ms, [10, 50, 100, 150, 200, 250, 500, 1000, 2000, 5000]);
+    }
+
+    #[test]
     fn empty_schedule_is_an_error() {
         assert_eq!(Schedule::new(Vec::new()).unwrap_err(), EmptySchedule);
     }

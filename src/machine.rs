@@ -347,10 +347,9 @@ impl Machine {
                 _ => Reply::Took(false),
             },
             // Rule 4: a timer starts an attempt only if the clock still reads its epoch.
-            Event::TimerFired { epoch }
-                if self.is_current(epoch)
-                    && matches!(self.state, State::WaitingToRetry { epoch: e, .. } if e == epoch) =>
-            {
+            // (While the clock reads the epoch a timer was armed in, the state is the
+            // `WaitingToRetry` of that epoch: every way out of it ticks.)
+            Event::TimerFired { epoch } if self.is_current(epoch) => {
                 self.start_attempt(effects);
                 Reply::Took(true)
             }

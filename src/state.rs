@@ -193,3 +193,81 @@ impl Ledger {
             .saturating_sub(u64::from(installed_now))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error() -> SharedError {
+        SharedError::new(std::io::Error::other("x"))
+    }
+
+    #[test]
+    fn the_epoch_and_kind_of_each_state() {
+        let e = Epoch::from_u64(7);
+        let states = [
+            (State::Idle, None, false, false),
+            (
+                State::Connecting {
+                    epoch: e,
+                    attempt: 1,
+                },
+                Some(e),
+                true,
+                false,
+            ),
+            (State::Connected { epoch: e }, Some(e), true, false),
+            (
+                State::WaitingToRetry {
+                    epoch: e,
+                    attempt: 2,
+                    delay: None,
+                    last_error: error(),
+                },
+                Some(e),
+                true,
+                false,
+            ),
+            (State::Disconnecting { epoch: e }, Some(e), false, false),
+            (
+                State::GaveUp {
+                    attempts: 3,
+                    last_error: error(),
+                },
+                None,
+                false,
+                true,
+            ),
+            (
+                State::Refused {
+                    last_error: error(),
+                },
+                None,
+                false,
+                true,
+            ),
+            (State::Shutdown, None, false, true),
+        ];
+        for (state, epoch, active, terminal) in states {
+            assert_eq!(state.epoch(), epoch, "{state}");
+            assert_eq!(state.is_active(), active, "{state}");
+            assert_eq!(state.is_terminal(), terminal, "{state}");
+            assert_eq!(
+                state.is_connected(),
+                matches!(state, State::Connected { .. })
+            );
+        }
+    }
+
+    #[test]
+    fn closing_counts_the_teardowns_in_flight() {
+        let ledger = Ledger {
+            opened: 5,
+            closed: 2,
+            ..Ledger::default()
+        };
+        assert_eq!(ledger.closing(false), 3);
+        assert_eq!(ledger.closing(true), 2);
+        assert_eq!(Ledger::default().closing(true), 0, "never below zero");
+    }
+}

@@ -361,7 +361,7 @@ async fn a_panicking_backoff_falls_back_to_a_one_second_wait() {
 
 #[tokio::test(start_paused = true)]
 async fn the_books_balance_when_the_driver_is_dropped_mid_teardown() {
-    let connector = Scripted::new([Step::Ok, Step::Slow(Duration::from_secs(30))]);
+    let connector = Scripted::new([Step::Ok, Step::Slow(Duration::from_secs(30)), Step::Ok]);
     let layer = layer()
         .with_teardown(|_conn: Echo, _cause: CloseCause| pending::<()>())
         .with_close_timeout(Duration::from_secs(60));
@@ -371,19 +371,23 @@ async fn the_books_balance_when_the_driver_is_dropped_mid_teardown() {
     let driver = tokio::spawn(driver);
     handle.connect().unwrap();
     settle().await;
-    // One teardown hangs, one attempt is in flight, one connection installed.
+    // One teardown hangs, one stale attempt is in flight, one connection is installed.
     drop(handle.disconnect());
     handle.connect().unwrap();
     settle().await;
+    drop(handle.disconnect());
+    handle.connect().unwrap();
+    settle().await;
+    assert!(handle.state().is_connected());
     assert_eq!(connector.live.load(Ordering::SeqCst), 1);
     driver.abort();
     settle().await;
     assert!(matches!(handle.state(), State::Shutdown));
     let ledger = handle.ledger();
-    assert_eq!(ledger.opened, 1);
+    assert_eq!(ledger.opened, 2);
     assert_eq!(
-        ledger.closed, 1,
-        "the hanging teardown went with the driver: closed"
+        ledger.closed, 2,
+        "the hanging teardown and the installed one: closed"
     );
     assert_eq!(
         connector.live.load(Ordering::SeqCst),

@@ -450,9 +450,11 @@ async fn no_state_is_republished_by_an_event_that_changes_nothing() {
     let mut states = handle.subscribe();
     let mut quiet = |what: &str| {
         states.borrow_and_update();
+        let ignored = handle.ledger().ignored;
         // Epoch 0 was never installed: every report of it is stale.
         assert!(!handle.report_failure(tower_epoch::Epoch::ZERO, "stale"));
         assert!(!handle.report_closed(tower_epoch::Epoch::ZERO));
+        assert_eq!(handle.ledger().ignored, ignored + 2, "{what}: both counted");
         assert!(
             !states.has_changed().unwrap(),
             "{what}: republished {}",

@@ -346,3 +346,25 @@ async fn disconnecting_lasts_until_a_discarded_connection_is_closed_too() {
     assert_eq!(handle.ledger().closed, 2);
     assert!(matches!(handle.state(), State::Idle), "{}", handle.state());
 }
+
+/// Rule 2: a connection released by a failure is closing too: a disconnect during its teardown
+/// is `Disconnecting` until it is closed.
+#[tokio::test(start_paused = true)]
+async fn a_disconnect_waits_for_the_teardown_of_a_failed_connection() {
+    let ledger = Ledger::new();
+    ledger.default_close(Close::After(SLOW_CLOSE));
+    let (_svc, handle) = start(&ledger, layer(&ledger));
+    let epoch = handle.connect().unwrap();
+    settle().await;
+    assert!(handle.report_failure(epoch, "dropped"));
+    drop(handle.disconnect());
+    settle().await;
+    assert!(
+        matches!(handle.state(), State::Disconnecting { .. }),
+        "{}",
+        handle.state()
+    );
+    advance(SLOW_CLOSE).await;
+    assert!(matches!(handle.state(), State::Idle), "{}", handle.state());
+    assert_eq!(ledger.closes(1), 1);
+}
