@@ -205,11 +205,7 @@ impl Backoff for ScheduleBackoff {
         let delays = &self.schedule.delays;
         let base = delays[self.next.min(delays.len() - 1)];
         self.next = self.next.saturating_add(1);
-        let jitter = if self.schedule.jitter > 0.0 {
-            base.mul_f64(self.rng.next_f64() * self.schedule.jitter)
-        } else {
-            Duration::ZERO
-        };
+        let jitter = base.mul_f64(self.rng.next_f64() * self.schedule.jitter);
         tokio::time::sleep(base + jitter)
     }
 }
@@ -304,10 +300,16 @@ mod tests {
                 .unwrap()
                 .with_jitter(0.5),
         );
+        let mut jittered = 0;
         for _ in 0..100 {
             let delay = retry.next().1.unwrap();
             assert!(delay >= Duration::from_millis(100) && delay <= Duration::from_millis(150));
+            jittered += u32::from(delay > Duration::from_millis(101));
         }
+        assert!(
+            jittered > 50,
+            "the jitter is drawn: {jittered} of 100 above 101 ms"
+        );
     }
 
     #[tokio::test(start_paused = true)]

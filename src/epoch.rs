@@ -264,5 +264,9 @@ mod tests {
         assert!(!stamp.is_current());
         assert!(clock.is_current(Epoch::from_u64(1)));
         assert_eq!(format!("{}", clock.now()), "e1");
+        assert_eq!(format!("{:?}", clock.now()), "Epoch(1)");
+        assert_eq!(format!("{clock:?}"), "Clock { now: Epoch(1) }");
+        assert_eq!(stamp.epoch(), Epoch::ZERO);
+        assert_eq!(clock.stamp().epoch(), Epoch::from_u64(1));
     }
 }
