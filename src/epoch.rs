@@ -268,5 +268,31 @@ mod tests {
         assert_eq!(format!("{clock:?}"), "Clock { now: Epoch(1) }");
         assert_eq!(stamp.epoch(), Epoch::ZERO);
         assert_eq!(clock.stamp().epoch(), Epoch::from_u64(1));
+        assert_eq!(
+            format!("{stamp:?}"),
+            "Stamp { epoch: Epoch(0), now: Epoch(1) }"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_guarded_effect_keeps_its_value_whether_current_or_stale() {
+        let clock = Arc::new(Clock::new());
+        assert_eq!(clock.stamp().guard(async { 5 }).await.ok(), Some(5));
+        let stamp = clock.stamp();
+        clock.tick();
+        let stale = stamp.guard(async { "conn" }).await.unwrap_err();
+        assert_eq!(
+            (stale.epoch(), stale.now()),
+            (Epoch::ZERO, Epoch::from_u64(1))
+        );
+        assert_eq!(
+            format!("{stale:?}"),
+            "Stale { epoch: Epoch(0), now: Epoch(1), .. }"
+        );
+        assert_eq!(
+            stale.to_string(),
+            "effect of epoch e0 went stale (clock at e1)"
+        );
+        assert_eq!(stale.into_inner(), "conn");
     }
 }

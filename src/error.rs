@@ -136,3 +136,17 @@ impl Error {
         Error::ConnectionFailed(SharedError::from(error.into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_error_shows_and_is_the_original() {
+        let shared = SharedError::new(std::io::Error::other("reset"));
+        let original = std::io::Error::other("reset");
+        assert_eq!(format!("{shared:?}"), format!("{original:?}"));
+        assert_eq!(shared.to_string(), "reset");
+        assert!(shared.downcast_ref::<std::io::Error>().is_some());
+    }
+}

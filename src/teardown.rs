@@ -185,3 +185,27 @@ impl<C> Monitor<C> for NoMonitor {
         std::future::pending()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CloseCause::*;
+
+    #[test]
+    fn each_cause_says_what_it_is() {
+        let said: Vec<String> = [Disconnect, Suspend, Failed, Ended, Stale, Shutdown]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            said,
+            [
+                "disconnect",
+                "suspend",
+                "failed",
+                "ended by the peer",
+                "stale",
+                "shutdown"
+            ]
+        );
+    }
+}

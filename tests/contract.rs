@@ -339,3 +339,26 @@ async fn a_service_waiting_on_a_connection_that_fails_is_woken_and_fails_fast() 
         Some(Error::NotConnected)
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_layer_and_the_response_future_show_their_settings() {
+    let layer = layer().with_max_attempts(std::num::NonZeroU32::new(3).unwrap());
+    let shown = format!("{layer:?}");
+    for part in [
+        "ReconnectLayer",
+        "max_attempts: Some(3)",
+        "normal_end: Idle",
+        "permanent_error: false",
+    ] {
+        assert!(shown.contains(part), "{part} in {shown}");
+    }
+    let (mut svc, handle, mut inner) = connected().await;
+    inner.allow(1);
+    assert!(svc.poll_ready::<u32>().is_ready());
+    let response = svc.call(1);
+    assert_eq!(
+        format!("{response:?}"),
+        "ResponseFuture { classify: None, .. }"
+    );
+    drop(handle);
+}
