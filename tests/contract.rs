@@ -355,6 +355,12 @@ async fn the_layer_and_the_response_future_show_their_settings() {
     let (mut svc, handle, mut inner) = connected().await;
     inner.allow(1);
     assert!(svc.poll_ready::<u32>().is_ready());
+    let shown = format!("{:?}", svc.get_ref());
+    assert!(
+        shown.starts_with("Reconnect { epoch: Some(Epoch(1)), "),
+        "{shown}"
+    );
+    assert!(shown.contains("when_disconnected: Wait"), "{shown}");
     let response = svc.call(1);
     assert_eq!(
         format!("{response:?}"),
