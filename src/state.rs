@@ -23,7 +23,8 @@ use crate::error::SharedError;
 /// | `Connecting { e, n }`, `Connected { e }` | a permanent error of `e` | `Refused { .. }` |
 /// | `Connected { e }` | failure of `e` reported | `WaitingToRetry { e, n + 1, .. }` (or `GaveUp`) |
 /// | `Connected { e }` | the peer ends `e` normally, `NormalEnd::Idle` | as `disconnect()` |
-/// | `Connected { e }` | the peer ends `e` normally, `NormalEnd::Reconnect` | `Connecting { e', n + 1 }` (tick) |
+/// | `Connected { e }` | the peer ends `e` normally after the stable period, `NormalEnd::Reconnect` | `Connecting { e', 1 }` (tick) |
+/// | `Connected { e }` | the peer ends `e` normally before it, `NormalEnd::Reconnect` | as a failure ([`Error::EndedEarly`](crate::Error::EndedEarly)) |
 /// | `WaitingToRetry { e, n, .. }` | timer of `e` fires, clock still `e`; or `reconnect_now()` | `Connecting { e', n }` (tick) |
 /// | any but `Shutdown` | `disconnect()`, or `suspend()` when active | `Disconnecting { e' }` if a teardown is in flight, else `Idle` (tick) |
 /// | `Disconnecting { e }` | last teardown completes, clock still `e` | `Idle` |
