@@ -153,11 +153,11 @@ pub trait Monitor<C> {
 
     /// Starts watching `conn`, installed at `epoch`.
     ///
-    /// It is called while the connection is held in place (the lock of the installed slot,
-    /// not the state machine's), so that it cannot be released meanwhile: return the future
-    /// without waiting, and do not call [`Handle::connection`](crate::Handle::connection) from
-    /// here (clone what the future needs from `conn` instead). A panic here is a failure of
-    /// the connection.
+    /// The driver calls it with no lock held, just before it installs the connection, for an
+    /// attempt still current. If a disconnect makes the attempt stale in between, the
+    /// connection is discarded and the future dropped without being polled: do the
+    /// connection's work in the future, not here. A panic here is a failure of the
+    /// connection.
     fn monitor(&mut self, conn: &C, epoch: Epoch) -> Self::Future;
 }
 
