@@ -278,20 +278,19 @@ mod tests {
     async fn a_guarded_effect_keeps_its_value_whether_current_or_stale() {
         let clock = Arc::new(Clock::new());
         assert_eq!(clock.stamp().guard(async { 5 }).await.ok(), Some(5));
+        clock.tick();
         let stamp = clock.stamp();
         clock.tick();
         let stale = stamp.guard(async { "conn" }).await.unwrap_err();
-        assert_eq!(
-            (stale.epoch(), stale.now()),
-            (Epoch::ZERO, Epoch::from_u64(1))
-        );
+        let (e1, e2) = (Epoch::from_u64(1), Epoch::from_u64(2));
+        assert_eq!((stale.epoch(), stale.now()), (e1, e2));
         assert_eq!(
             format!("{stale:?}"),
-            "Stale { epoch: Epoch(0), now: Epoch(1), .. }"
+            "Stale { epoch: Epoch(1), now: Epoch(2), .. }"
         );
         assert_eq!(
             stale.to_string(),
-            "effect of epoch e0 went stale (clock at e1)"
+            "effect of epoch e1 went stale (clock at e2)"
         );
         assert_eq!(stale.into_inner(), "conn");
     }
