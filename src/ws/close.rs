@@ -105,17 +105,22 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     use super::*;
-    use crate::epoch::Clock;
+    use crate::epoch::{Clock, Epoch};
     use crate::ws::BoxIo;
     use crate::ws::builder::Settings;
     use crate::ws::monitor::Monitor;
     use crate::ws::writer::Wire;
 
-    /// Issue 9, defect 6: the connection's epoch was set at its monitor's first poll, so a
-    /// release before that (a quick disconnect) skipped the writes owed before Close. It is
-    /// installed when its monitor is made.
-    #[tokio::test]
-    async fn a_release_before_the_monitor_runs_still_writes_the_queue_before_close() {
+    /// A clock at its first epoch, the client's state with a 1 s close step, an in-memory
+    /// WebSocket (the client's wire and the peer's end), and the receiver of `Incoming`.
+    async fn connection() -> (
+        Arc<Clock>,
+        Epoch,
+        Arc<Shared>,
+        Wire,
+        WebSocketStream<tokio::io::DuplexStream>,
+        tokio::sync::mpsc::Receiver<crate::ws::Received>,
+    ) {
         let clock = Arc::new(Clock::new());
         let epoch = clock.tick();
         let settings = Settings {
@@ -123,15 +128,25 @@ mod tests {
             ..Settings::default()
         };
         let shared = Arc::new(Shared::new(settings, Arc::clone(&clock)));
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let ours = WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, None);
+        let peer = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+        let (incoming, rx) = tokio::sync::mpsc::channel(1);
+        let wire = Wire::new(ours.await, Arc::clone(&shared), incoming);
+        (clock, epoch, shared, wire, peer, rx)
+    }
+
+    /// Issue 9, defect 6: the connection's epoch was set at its monitor's first poll, so a
+    /// release before that (a quick disconnect) skipped the writes owed before Close. It is
+    /// installed when its monitor is made.
+    #[tokio::test]
+    async fn a_release_before_the_monitor_runs_still_writes_the_queue_before_close() {
+        let (clock, epoch, shared, wire, mut peer, _rx) = connection().await;
         for text in ["m1", "m2"] {
             shared.try_reserve().unwrap();
             shared.accept(|_| Message::text(text), false).unwrap();
         }
-        let (ours, theirs) = tokio::io::duplex(1 << 16);
-        let ours = WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, None);
-        let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
-        let (incoming, _rx) = tokio::sync::mpsc::channel(1);
-        let conn = WsConn::new(Wire::new(ours.await, Arc::clone(&shared), incoming));
+        let conn = WsConn::new(wire);
 
         // Installed, and released before the driver polled its monitor even once.
         drop(Monitor::new(&shared, conn.clone(), epoch));
@@ -161,18 +176,7 @@ mod tests {
     /// A ping the connection owed when it was released is not sent by its close.
     #[tokio::test]
     async fn a_ping_owed_at_the_release_is_not_sent() {
-        let clock = Arc::new(Clock::new());
-        let epoch = clock.tick();
-        let settings = Settings {
-            close_step_timeout: Duration::from_secs(1),
-            ..Settings::default()
-        };
-        let shared = Arc::new(Shared::new(settings, Arc::clone(&clock)));
-        let (ours, theirs) = tokio::io::duplex(1 << 16);
-        let ours = WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, None);
-        let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
-        let (incoming, _rx) = tokio::sync::mpsc::channel(1);
-        let mut wire = Wire::new(ours.await, Arc::clone(&shared), incoming);
+        let (clock, epoch, shared, mut wire, mut peer, _rx) = connection().await;
         wire.install(epoch);
         wire.owe_ping();
         let conn = WsConn::new(wire);
