@@ -13,14 +13,16 @@
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Waker};
 
 use tokio::sync::{Notify, oneshot, watch};
 
+use crate::activity::{Activity, Idle};
 use crate::epoch::{Clock, Epoch};
 use crate::error::Error;
+use crate::events::{Cause, Events, Hub, Transition};
 use crate::machine::{Effect, Event, Machine, Policy, Reply};
 use crate::state::{Ledger, State};
 use crate::teardown::CloseCause;
@@ -49,6 +51,14 @@ pub(crate) enum Work {
     Stop,
 }
 
+/// The connection in the slot.
+struct Installed {
+    epoch: Epoch,
+    conn: AnyConn,
+    /// Its holds, when the layer has an idle timeout.
+    activity: Option<Arc<Activity>>,
+}
+
 /// The machine and what only moves with it.
 struct Locked {
     machine: Machine,
@@ -68,7 +78,7 @@ pub(crate) struct Core {
     locked: Mutex<Locked>,
     /// The installed connection, apart from the machine: cloning it runs the connection's
     /// own `Clone`.
-    slot: Mutex<Option<(Epoch, AnyConn)>>,
+    slot: Mutex<Option<Installed>>,
     work: Mutex<VecDeque<Work>>,
     wake_driver: Notify,
     /// Services waiting for a connection, by their id.
@@ -80,6 +90,12 @@ pub(crate) struct Core {
     next_waiter: AtomicU64,
     /// Classifies errors as permanent; set when the layer is applied.
     is_permanent: Mutex<Option<IsPermanent>>,
+    /// Whether installed connections track their holds (the layer has an idle timeout).
+    idle: AtomicBool,
+    /// Whether a waiting request may start an attempt (lazy, or an idle timeout).
+    on_demand: AtomicBool,
+    /// The transition events, made when first followed.
+    events: OnceLock<Box<Hub>>,
 }
 
 /// Whether an error is permanent: the predicate of
@@ -117,13 +133,29 @@ impl ResumeToken {
 
 /// Outcome of a service asking for the installed connection.
 pub(crate) enum Checkout<C> {
-    Installed(Epoch, C),
+    Installed(Epoch, C, Option<Arc<Activity>>),
     Wait,
+}
+
+/// The error a request fails with in a terminal state (it would wait for ever otherwise).
+pub(crate) fn terminal_error(state: &State) -> Option<Error> {
+    match state {
+        State::Shutdown => Some(Error::Shutdown),
+        State::GaveUp {
+            attempts,
+            last_error,
+        } => Some(Error::GaveUp {
+            attempts: *attempts,
+            last_error: last_error.clone(),
+        }),
+        State::Refused { last_error } => Some(Error::Refused(last_error.clone())),
+        _ => None,
+    }
 }
 
 /// The lock is never held across user code, so a poisoned one only means that another
 /// thread panicked in the crate's own code between two consistent states: go on.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -150,13 +182,19 @@ impl Core {
             users: AtomicUsize::new(0),
             next_waiter: AtomicU64::new(1),
             is_permanent: Mutex::new(None),
+            idle: AtomicBool::new(false),
+            on_demand: AtomicBool::new(policy.lazy),
+            events: OnceLock::new(),
         })
     }
 
-    /// Sets the policies of the layer being applied to this core.
-    pub(crate) fn configure(&self, policy: Policy, is_permanent: Option<IsPermanent>) {
+    /// Sets the policies of the layer being applied to this core; `idle`: whether it has an
+    /// idle timeout.
+    pub(crate) fn configure(&self, policy: Policy, is_permanent: Option<IsPermanent>, idle: bool) {
         lock(&self.locked).machine.set_policy(policy);
         *lock(&self.is_permanent) = is_permanent;
+        self.idle.store(idle, Ordering::Release);
+        self.on_demand.store(policy.lazy || idle, Ordering::Release);
     }
 
     /// Whether `error` is permanent, by the layer's predicate (run outside every lock; a
@@ -182,6 +220,8 @@ impl Core {
     /// dropped, the transition logged.
     fn apply(&self, event: Event) -> (Reply, Option<oneshot::Receiver<()>>) {
         tracing::trace!(?event, "step");
+        let cause = Cause::of(&event);
+        let hub = self.events.get().filter(|hub| hub.is_followed());
         let mut wake = false;
         let mut done = None;
         let mut evicted = None;
@@ -202,7 +242,15 @@ impl Core {
                     Effect::Install(epoch) => {
                         let conn = opened.take().filter(|(e, _)| *e == epoch);
                         let (_, conn) = conn.expect("installed what the attempt opened");
-                        *lock(&self.slot) = Some((epoch, conn));
+                        let activity = self
+                            .idle
+                            .load(Ordering::Acquire)
+                            .then(|| Arc::new(Activity::default()));
+                        *lock(&self.slot) = Some(Installed {
+                            epoch,
+                            conn,
+                            activity,
+                        });
                         self.installed.store(epoch.get(), Ordering::Release);
                     }
                     Effect::Discard(epoch) => {
@@ -220,9 +268,9 @@ impl Core {
                         notify,
                     } => {
                         self.installed.store(0, Ordering::Release);
-                        let (_, conn) = lock(&self.slot)
+                        let Installed { conn, .. } = lock(&self.slot)
                             .take()
-                            .filter(|(e, _)| *e == epoch)
+                            .filter(|installed| installed.epoch == epoch)
                             .expect("released the installed connection");
                         let tx = notify.then(|| {
                             let (tx, rx) = oneshot::channel();
@@ -238,7 +286,7 @@ impl Core {
                     }
                     Effect::Evict => {
                         self.installed.store(0, Ordering::Release);
-                        evicted = lock(&self.slot).take();
+                        evicted = lock(&self.slot).take().map(|installed| installed.conn);
                     }
                     Effect::Retry(epoch) => work.push(Work::Retry(epoch)),
                     Effect::ResetBackoff => work.push(Work::ResetBackoff),
@@ -256,6 +304,17 @@ impl Core {
             let after = machine.state();
             let publish = (!same_state(&before, after)).then(|| {
                 *steps += 1;
+                if let (Some(hub), Some(cause)) = (hub, cause) {
+                    hub.queue(Transition {
+                        seq: *steps,
+                        from: before.clone(),
+                        to: after.clone(),
+                        cause,
+                        epoch: machine.now(),
+                        attempt: machine.attempt(),
+                        at: tokio::time::Instant::now(),
+                    });
+                }
                 (*steps, after.clone())
             });
             (reply, publish, queued, before)
@@ -263,6 +322,9 @@ impl Core {
         if let Some((step, state)) = publish {
             tracing::debug!(epoch = %self.clock.now(), from = %before, to = %state, "transition");
             self.publish(step, state);
+            if let Some(hub) = hub {
+                hub.flush();
+            }
         }
         if queued {
             self.wake_driver.notify_one();
@@ -335,15 +397,25 @@ impl Core {
         self.state_tx.subscribe()
     }
 
+    pub(crate) fn events(&self) -> Events {
+        self.events.get_or_init(|| Box::new(Hub::new())).subscribe()
+    }
+
     pub(crate) fn ledger(&self) -> Ledger {
         lock(&self.locked).machine.ledger()
     }
 
+    /// The installed connection, cloned, if it is a `C`, with its holds.
+    fn installed<C: Clone + 'static>(&self) -> Option<(Epoch, C, Option<Arc<Activity>>)> {
+        let slot = lock(&self.slot);
+        let installed = slot.as_ref()?;
+        let conn = installed.conn.downcast_ref::<C>()?;
+        Some((installed.epoch, conn.clone(), installed.activity.clone()))
+    }
+
     /// The installed connection, cloned, if it is a `C`.
     pub(crate) fn installed_conn<C: Clone + 'static>(&self) -> Option<(Epoch, C)> {
-        let slot = lock(&self.slot);
-        let (epoch, conn) = slot.as_ref()?;
-        conn.downcast_ref::<C>().map(|c| (*epoch, c.clone()))
+        self.installed().map(|(epoch, conn, _)| (epoch, conn))
     }
 
     // ----- handle operations -----
@@ -414,21 +486,50 @@ impl Core {
             // Before the look, so that an install after it wakes us.
             self.register_waiter(waiter, cx);
         }
-        if let Some((epoch, conn)) = self.installed_conn::<C>() {
-            return Ok(Checkout::Installed(epoch, conn));
+        match self.installed::<C>() {
+            // Claimed by the idle timeout: its release wakes us.
+            Some((_, _, Some(activity))) if activity.is_claimed() => {}
+            Some((epoch, conn, activity)) => return Ok(Checkout::Installed(epoch, conn, activity)),
+            None => {}
         }
-        match &*self.state_tx.borrow() {
-            State::Shutdown => Err(Error::Shutdown),
-            State::GaveUp {
-                attempts,
-                last_error,
-            } => Err(Error::GaveUp {
-                attempts: *attempts,
-                last_error: last_error.clone(),
-            }),
-            State::Refused { last_error } => Err(Error::Refused(last_error.clone())),
-            _ if fail_fast => Err(Error::NotConnected),
-            _ => Ok(Checkout::Wait),
+        let dormant = self.on_demand.load(Ordering::Acquire)
+            && matches!(
+                *self.state_tx.borrow(),
+                State::Idle | State::Disconnecting { .. }
+            );
+        if dormant {
+            // Its install (or failure) wakes us.
+            self.apply(Event::Demand);
+        }
+        if let Some(error) = terminal_error(&self.state_tx.borrow()) {
+            return Err(error);
+        }
+        if fail_fast {
+            Err(Error::NotConnected)
+        } else {
+            Ok(Checkout::Wait)
+        }
+    }
+
+    /// The idle timer of the connection installed at `epoch` fired: returns whether to look
+    /// again after the timeout (it was held since the last look).
+    pub(crate) fn idle_expired(&self, epoch: Epoch) -> bool {
+        let activity = {
+            let slot = lock(&self.slot);
+            match slot.as_ref() {
+                Some(installed) if installed.epoch == epoch => installed.activity.clone(),
+                _ => None,
+            }
+        };
+        let Some(activity) = activity else {
+            return false;
+        };
+        match activity.try_claim() {
+            Idle::Busy => true,
+            Idle::Claimed => {
+                self.apply(Event::IdleTimeout { epoch });
+                false
+            }
         }
     }
 

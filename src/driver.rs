@@ -70,6 +70,7 @@ pub(crate) struct Timeouts {
     pub(crate) connect: Duration,
     pub(crate) close: Duration,
     pub(crate) stable: Duration,
+    pub(crate) idle: Option<Duration>,
 }
 
 pub(crate) struct Parts<M, T, D, W> {
@@ -181,6 +182,8 @@ where
     // A newer timer always belongs to a newer epoch, so one slot each is enough.
     let mut backoff: Option<(Epoch, Timer)> = None;
     let mut stable: Option<(Epoch, Pin<Box<Sleep>>)> = None;
+    // The idle timer of the installed connection, with an idle timeout.
+    let mut idle: Option<(Epoch, Pin<Box<Sleep>>)> = None;
     let mut stopping = false;
 
     loop {
@@ -197,6 +200,9 @@ where
                 } => {
                     if watching.as_ref().is_some_and(|(e, _)| *e == epoch) {
                         watching = None;
+                    }
+                    if idle.as_ref().is_some_and(|(e, _)| *e == epoch) {
+                        idle = None;
                     }
                     let conn = downcast::<M::Response>(conn);
                     let close = catch_unwind(AssertUnwindSafe(|| teardown.teardown(conn, cause)));
@@ -229,6 +235,7 @@ where
                     backoff = None;
                     stable = None;
                     watching = None;
+                    idle = None;
                     // Dropping an attempt cancels it before it produced a connection.
                     for (epoch, _) in attempts.drain(..) {
                         core.attempt_cancelled(epoch);
@@ -291,6 +298,7 @@ where
                             .then(|| start_monitor(&mut monitor, &conn, epoch));
                         if core.opened(epoch, Box::new(conn) as AnyConn) {
                             watching = watch.map(|watch| (epoch, watch));
+                            idle = timeouts.idle.map(|after| (epoch, Box::pin(sleep(after))));
                         }
                     }
                     Err(error) => core.attempt_failed(epoch, error),
@@ -349,6 +357,14 @@ where
             () = async { stable.as_mut().expect("guarded").1.as_mut().await }, if stable.is_some() => {
                 let (epoch, _) = stable.take().expect("guarded by the branch condition");
                 core.stable(epoch);
+            }
+            () = async { idle.as_mut().expect("guarded").1.as_mut().await }, if idle.is_some() => {
+                let (epoch, mut timer) = idle.take().expect("guarded by the branch condition");
+                if core.idle_expired(epoch) {
+                    let after = timeouts.idle.expect("armed only with an idle timeout");
+                    timer.as_mut().reset(Instant::now() + after);
+                    idle = Some((epoch, timer));
+                }
             }
             ended = async { watching.as_mut().expect("guarded").1.as_mut().await }, if watching.is_some() => {
                 let (epoch, _) = watching.take().expect("guarded by the branch condition");

@@ -114,6 +114,11 @@ pub enum Error {
     #[error("the reconnect driver has shut down")]
     Shutdown,
 
+    /// [`Handle::wait_for`](crate::Handle::wait_for) waited this long and the state never
+    /// satisfied its predicate.
+    #[error("waited {0:?} for a state that did not come")]
+    WaitTimeout(Duration),
+
     /// [`Handle::resume`](crate::Handle::resume) was given a token whose epoch is no longer
     /// current: something else changed the intent after the matching `suspend`.
     #[error("resume token of epoch {token} is stale (clock at {now})")]

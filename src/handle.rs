@@ -4,12 +4,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
-use crate::core::{Core, ResumeToken};
+use crate::core::{Core, ResumeToken, terminal_error};
 use crate::epoch::{Epoch, Stamp};
 use crate::error::{BoxError, Error};
+use crate::events::Events;
 use crate::state::{Ledger, State};
 
 /// A cloneable controller of one managed connection.
@@ -140,6 +142,64 @@ impl Handle {
     /// ```
     pub fn subscribe(&self) -> watch::Receiver<State> {
         self.core.subscribe()
+    }
+
+    /// Waits until `until` holds for the state, for at most `timeout`, and returns that state.
+    ///
+    /// The predicate sees the current state first, then every published state (level-
+    /// triggered: a state that lasts less than a wake-up may be skipped; follow
+    /// [`events`](Self::events) to see every one). It waits *for* a state, not for a change
+    /// away from one, so "wait until connected" is simply:
+    ///
+    /// ```
+    /// # #[allow(dead_code)]
+    /// # async fn f(handle: tower_epoch::Handle) -> Result<(), tower_epoch::Error> {
+    /// use std::time::Duration;
+    ///
+    /// let connected = handle.wait_for(Duration::from_secs(5), |s| s.is_connected()).await?;
+    /// println!("up in {:?}", connected.epoch());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::WaitTimeout`] when `timeout` elapsed first;
+    /// - [`Error::GaveUp`], [`Error::Refused`] or [`Error::Shutdown`] when the state became
+    ///   terminal without satisfying `until`: nothing would change it but a `connect()`, so
+    ///   it fails as a waiting request does, at once.
+    pub async fn wait_for<F>(&self, timeout: Duration, mut until: F) -> Result<State, Error>
+    where
+        F: FnMut(&State) -> bool,
+    {
+        let mut states = self.core.subscribe();
+        let wait = async {
+            loop {
+                // Cloned so that the predicate runs with no lock of the channel held.
+                let state = states.borrow_and_update().clone();
+                if until(&state) {
+                    return Ok(state);
+                }
+                if let Some(error) = terminal_error(&state) {
+                    return Err(error);
+                }
+                // The sender lives as long as the core, which this handle keeps.
+                if states.changed().await.is_err() {
+                    return Err(Error::Shutdown);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or(Err(Error::WaitTimeout(timeout)))
+    }
+
+    /// Every transition of the state from now on, in order (see [`crate::events`]).
+    ///
+    /// Unlike [`subscribe`](Self::subscribe), a slow reader misses nothing without being told:
+    /// past [`CAPACITY`](crate::events::CAPACITY) unread transitions it gets
+    /// [`Lagged`](crate::events::Lagged) with the number it missed.
+    pub fn events(&self) -> Events {
+        self.core.events()
     }
 
     /// The counters of everything done so far.

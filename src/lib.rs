@@ -134,6 +134,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 
+mod activity;
 mod core;
 mod driver;
 mod handle;
@@ -142,8 +143,10 @@ mod reconnect;
 mod state;
 
 pub mod backoff;
+pub mod endpoints;
 pub mod epoch;
 pub mod error;
+pub mod events;
 pub mod teardown;
 #[cfg(feature = "ws")]
 #[cfg_attr(docsrs, doc(cfg(feature = "ws")))]
@@ -155,5 +158,5 @@ pub use epoch::Epoch;
 pub use error::{BoxError, Error, SharedError};
 pub use handle::{DisconnectFuture, Handle};
 pub use machine::NormalEnd;
-pub use reconnect::{Reconnect, ReconnectLayer, ResponseFuture, WhenDisconnected};
+pub use reconnect::{EndpointLoad, Reconnect, ReconnectLayer, ResponseFuture, WhenDisconnected};
 pub use state::{Ledger, State};

@@ -46,6 +46,8 @@ pub enum NormalEnd {
 pub(crate) struct Policy {
     pub(crate) max_attempts: Option<NonZeroU32>,
     pub(crate) normal_end: NormalEnd,
+    /// The first request connects: no `connect()` is needed before it.
+    pub(crate) lazy: bool,
 }
 
 /// What happened: an operation of a handle, or an outcome the driver reports.
@@ -58,6 +60,14 @@ pub(crate) enum Event {
         token: Epoch,
     },
     ReconnectNow,
+    /// A service found no connection installed and is waiting for one: in a lazy layer, or
+    /// after an idle timeout, this starts an attempt.
+    Demand,
+    /// No request held the connection installed at `epoch` for the idle timeout (the core
+    /// has claimed it: no request can start on it any more).
+    IdleTimeout {
+        epoch: Epoch,
+    },
     /// The driver is about to call the connector for the attempt of `epoch`.
     AttemptStarting {
         epoch: Epoch,
@@ -163,6 +173,10 @@ pub(crate) struct Machine {
     closing: u64,
     ledger: Ledger,
     policy: Policy,
+    /// Disconnected without a deliberate intent (a lazy layer before its first request, or a
+    /// connection closed as idle): the next request connects. A `disconnect()`, a `suspend()`
+    /// or a normal end by the peer under [`NormalEnd::Idle`] clears it (rule 8).
+    dormant: bool,
 }
 
 impl Machine {
@@ -175,11 +189,21 @@ impl Machine {
             closing: 0,
             ledger: Ledger::default(),
             policy,
+            dormant: policy.lazy,
         }
     }
 
+    /// Applies the policy of the layer; a lazy one makes a connection that was never used
+    /// dormant.
     pub(crate) fn set_policy(&mut self, policy: Policy) {
         self.policy = policy;
+        if matches!(self.state, State::Idle) && self.ledger == Ledger::default() {
+            self.dormant = policy.lazy;
+        }
+    }
+
+    pub(crate) fn attempt(&self) -> u32 {
+        self.attempt
     }
 
     pub(crate) fn state(&self) -> &State {
@@ -243,6 +267,27 @@ impl Machine {
                 }
                 _ => Reply::Took(false),
             },
+            // A request wakes a dormant connection; a deliberate disconnect stays (rule 8).
+            Event::Demand
+                if self.dormant
+                    && matches!(self.state, State::Idle | State::Disconnecting { .. }) =>
+            {
+                self.ledger.demanded += 1;
+                self.reset_backoff(effects);
+                self.start_attempt(effects);
+                Reply::Took(true)
+            }
+            // Active, terminal, or disconnected by intent: a request changes nothing.
+            Event::Demand => Reply::Took(false),
+            // Idle for the timeout: released as by a disconnect, but dormant.
+            Event::IdleTimeout { epoch } if self.installed == Some(epoch) => {
+                self.ledger.idled += 1;
+                self.release(CloseCause::Idle, false, effects);
+                self.dormant = true;
+                Reply::Took(true)
+            }
+            // The connection it was claimed for is gone already.
+            Event::IdleTimeout { .. } => Reply::Took(false),
             // The connector is called only for an attempt still current.
             Event::AttemptStarting { epoch } if self.is_current(epoch) => {
                 self.ledger.attempts += 1;
@@ -413,6 +458,7 @@ impl Machine {
     /// to teardown. Returns whether one was installed.
     fn release(&mut self, cause: CloseCause, notify: bool, effects: &mut Vec<Effect>) -> bool {
         let epoch = self.clock.tick();
+        self.dormant = false;
         let released = self.installed.take();
         if let Some(installed) = released {
             self.closing += 1;

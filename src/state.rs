@@ -184,6 +184,11 @@ pub struct Ledger {
     /// Installed connections the peer ended normally (see
     /// [`NormalEnd`](crate::NormalEnd)).
     pub ended: u64,
+    /// Installed connections closed because no request held them for the idle timeout
+    /// ([`ReconnectLayer::with_idle_timeout`](crate::ReconnectLayer::with_idle_timeout)).
+    pub idled: u64,
+    /// Attempts started by a request on a dormant connection (lazy, or closed as idle).
+    pub demanded: u64,
 }
 
 impl Ledger {

@@ -63,6 +63,8 @@ pub enum CloseCause {
     Ended,
     /// Its attempt's epoch went stale before it completed: it was never installed (rule 1).
     Stale,
+    /// No request held it for the idle timeout; the next request reconnects.
+    Idle,
     /// Every handle and service is gone; the driver is closing what is open.
     Shutdown,
 }
@@ -75,6 +77,7 @@ impl fmt::Display for CloseCause {
             CloseCause::Failed => "failed",
             CloseCause::Ended => "ended by the peer",
             CloseCause::Stale => "stale",
+            CloseCause::Idle => "idle",
             CloseCause::Shutdown => "shutdown",
         })
     }

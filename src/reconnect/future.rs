@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use crate::activity::Hold;
 use crate::core::Core;
 use crate::epoch::Epoch;
 use crate::error::{BoxError, Error, SharedError};
@@ -23,6 +24,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         classify: Option<Classify>,
+        // With an idle timeout: the request holds its connection until it completes.
+        hold: Option<Hold>,
     }
 }
 
@@ -40,8 +43,12 @@ pub(crate) struct ClassifyCtx {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn new(inner: F, classify: Option<Classify>) -> Self {
-        ResponseFuture { inner, classify }
+    pub(crate) fn new(inner: F, classify: Option<Classify>, hold: Option<Hold>) -> Self {
+        ResponseFuture {
+            inner,
+            classify,
+            hold,
+        }
     }
 }
 
@@ -54,7 +61,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        Poll::Ready(match ready!(this.inner.poll(cx)) {
+        let output = ready!(this.inner.poll(cx));
+        drop(this.hold.take());
+        Poll::Ready(match output {
             Ok(response) => Ok(response),
             Err(error) => {
                 let error: BoxError = error.into();

@@ -60,6 +60,8 @@ use super::service::{IsFailure, Reconnect, WhenDisconnected};
 /// | attempt limit | none |
 /// | permanent errors | none: every error is retried |
 /// | normal end by the peer | [`NormalEnd::Idle`] |
+/// | connect on the first request | no: [`Handle::connect`] first |
+/// | idle timeout | none |
 /// | stable period (backoff reset) | 5 s |
 /// | connect timeout | 10 s |
 /// | close timeout | 5 s |
@@ -85,6 +87,7 @@ struct Settings {
     timeouts: Timeouts,
     max_attempts: Option<NonZeroU32>,
     normal_end: NormalEnd,
+    lazy: bool,
     when_disconnected: WhenDisconnected,
     is_failure: Option<IsFailure>,
     is_permanent: Option<IsPermanent>,
@@ -116,9 +119,11 @@ impl<T> ReconnectLayer<T> {
                     connect: Duration::from_secs(10),
                     close: Duration::from_secs(5),
                     stable: Duration::from_secs(5),
+                    idle: None,
                 },
                 max_attempts: None,
                 normal_end: NormalEnd::Idle,
+                lazy: false,
                 when_disconnected: WhenDisconnected::Wait,
                 is_failure: None,
                 is_permanent: None,
@@ -239,6 +244,48 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
         self
     }
 
+    /// Connects on the first request: the first `poll_ready` of a service starts the first
+    /// attempt, as a gRPC channel does, and no [`Handle::connect`] is needed.
+    ///
+    /// Only a connection never used, or closed by the [idle timeout](Self::with_idle_timeout),
+    /// connects on demand: after a `disconnect()` or a `suspend()`, requests wait (or fail
+    /// fast) until the next `connect()` or `resume()`, as rule 8 says.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower::{Layer, ServiceExt, service_fn};
+    /// use tower_epoch::ReconnectLayer;
+    ///
+    /// let connector = service_fn(|()| async {
+    ///     Ok::<_, std::io::Error>(service_fn(|x: u8| async move { Ok::<_, std::io::Error>(x) }))
+    /// });
+    /// let service = ReconnectLayer::new(()).connect_on_demand().layer(connector);
+    /// assert!(!service.handle().state().is_active()); // nothing yet
+    /// assert_eq!(service.oneshot(7).await.unwrap(), 7); // the request connected
+    /// # }
+    /// ```
+    pub fn connect_on_demand(mut self) -> Self {
+        self.settings.lazy = true;
+        self
+    }
+
+    /// Closes the installed connection once no request has held it for `timeout`, and
+    /// connects again on the next request (see [`connect_on_demand`](Self::connect_on_demand)).
+    ///
+    /// A request holds the connection from the `poll_ready` that reserved it until its
+    /// response future completes or is dropped. The connection is closed (with
+    /// [`CloseCause::Idle`](crate::teardown::CloseCause::Idle), counted in
+    /// [`Ledger::idled`](crate::Ledger::idled)) after between one and two `timeout`s without
+    /// a hold: the timer looks every `timeout`, and closes at the first look that finds no hold
+    /// since the one before. A request that races the close is never sent on the closed
+    /// connection: it waits for the next one, which it starts.
+    ///
+    /// Costs two atomic read-modify-writes per request, and nothing when not set.
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.timeouts.idle = Some(timeout);
+        self
+    }
+
     /// What the service does while no connection is installed.
     pub fn when_disconnected(mut self, policy: WhenDisconnected) -> Self {
         self.settings.when_disconnected = policy;
@@ -280,13 +327,18 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
         let policy = Policy {
             max_attempts: settings.max_attempts,
             normal_end: settings.normal_end,
+            lazy: settings.lazy,
         };
         let core = if self.claimed.swap(true, Ordering::AcqRel) {
             Core::new(policy)
         } else {
             Arc::clone(&self.first)
         };
-        core.configure(policy, settings.is_permanent.clone());
+        core.configure(
+            policy,
+            settings.is_permanent.clone(),
+            settings.timeouts.idle.is_some(),
+        );
         let service = Reconnect::new(
             Arc::clone(&core),
             settings.when_disconnected,
@@ -353,6 +405,7 @@ impl<T, B: fmt::Debug, D: fmt::Debug, W: fmt::Debug> fmt::Debug for ReconnectLay
             .field("timeouts", &settings.timeouts)
             .field("max_attempts", &settings.max_attempts)
             .field("normal_end", &settings.normal_end)
+            .field("connect_on_demand", &settings.lazy)
             .field("permanent_error", &settings.is_permanent.is_some())
             .field("when_disconnected", &settings.when_disconnected)
             .field("failure_predicate", &settings.is_failure.is_some())

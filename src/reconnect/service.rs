@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
+use crate::activity::{Activity, Hold};
 use crate::core::{Checkout, Core};
 use crate::epoch::Epoch;
 use crate::error::{BoxError, Error};
@@ -57,7 +58,7 @@ pub enum WhenDisconnected {
 /// is then closing: teardown should drain (see [`crate::teardown`]).
 pub struct Reconnect<C> {
     handle: Handle,
-    conn: Option<(Epoch, C)>,
+    conn: Option<Cached<C>>,
     reserved: Reservation,
     waiter: u64,
     registered: bool,
@@ -65,7 +66,51 @@ pub struct Reconnect<C> {
     classify: Option<Arc<ClassifyCtx>>,
 }
 
+/// The connection a service checked out, with its hold while the service reserved it (with
+/// an idle timeout: dropping the cached connection releases the hold).
+struct Cached<C> {
+    epoch: Epoch,
+    conn: C,
+    activity: Option<Arc<Activity>>,
+    hold: Option<Hold>,
+}
+
+impl<C> Cached<C> {
+    /// Holds the connection for the request being reserved; false if the idle timeout
+    /// claimed it (it is about to be released: do not use it).
+    #[inline]
+    fn hold(&mut self) -> bool {
+        match &self.activity {
+            Some(activity) if self.hold.is_none() => {
+                self.hold = activity.hold();
+                self.hold.is_some()
+            }
+            _ => true,
+        }
+    }
+}
+
+impl<C: Clone> Clone for Cached<C> {
+    /// A clone holds nothing: it starts un-ready.
+    fn clone(&self) -> Self {
+        Cached {
+            epoch: self.epoch,
+            conn: self.conn.clone(),
+            activity: self.activity.clone(),
+            hold: None,
+        }
+    }
+}
+
 impl<C> Reconnect<C> {
+    /// The epoch and the connection this service last checked out, if it is still installed.
+    pub(crate) fn installed(&self) -> Option<(Epoch, &C)> {
+        let cached = self.conn.as_ref()?;
+        self.core()
+            .is_installed(cached.epoch)
+            .then_some((cached.epoch, &cached.conn))
+    }
+
     pub(crate) fn new(
         core: Arc<Core>,
         when_disconnected: WhenDisconnected,
@@ -116,9 +161,9 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // The fast path, small enough to inline into the caller: the cached connection is still
         // the installed one (one atomic load) and is ready. Everything else is out of line.
-        if let Some((epoch, conn)) = &mut self.conn {
-            if self.handle.core().is_installed(*epoch) {
-                let polled = conn.poll_ready(cx);
+        if let Some(cached) = &mut self.conn {
+            if self.handle.core().is_installed(cached.epoch) && cached.hold() {
+                let polled = cached.conn.poll_ready(cx);
                 if let Poll::Ready(Ok(())) = polled {
                     self.reserved.reserve();
                     return Poll::Ready(Ok(()));
@@ -132,15 +177,17 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         // Readiness is only ever reserved on a cached connection.
-        let (epoch, conn) = match (self.reserved.consume(), self.conn.as_mut()) {
+        let cached = match (self.reserved.consume(), self.conn.as_mut()) {
             (true, Some(reserved)) => reserved,
             _ => not_ready(),
         };
         let classify = self.classify.as_ref().map(|ctx| Classify {
-            epoch: *epoch,
+            epoch: cached.epoch,
             ctx: Arc::clone(ctx),
         });
-        ResponseFuture::new(conn.call(req), classify)
+        // The response future holds the connection from here.
+        let hold = cached.hold.take();
+        ResponseFuture::new(cached.conn.call(req), classify, hold)
     }
 }
 
@@ -203,10 +250,10 @@ where
     C::Error: Into<BoxError>,
 {
     loop {
-        if let Some((epoch, conn)) = &mut this.conn {
-            let epoch = *epoch;
-            if this.handle.core().is_installed(epoch) {
-                match polled.take().unwrap_or_else(|| conn.poll_ready(cx)) {
+        if let Some(cached) = &mut this.conn {
+            let epoch = cached.epoch;
+            if this.handle.core().is_installed(epoch) && cached.hold() {
+                match polled.take().unwrap_or_else(|| cached.conn.poll_ready(cx)) {
                     Poll::Ready(Ok(())) => {
                         this.reserved.reserve();
                         return Poll::Ready(Ok(()));
@@ -232,7 +279,14 @@ where
         // Waiting services register before they look (so that the drop forgets them).
         this.registered |= !fail_fast;
         match this.core().checkout::<C>(this.waiter, cx, fail_fast)? {
-            Checkout::Installed(epoch, conn) => this.conn = Some((epoch, conn)),
+            Checkout::Installed(epoch, conn, activity) => {
+                this.conn = Some(Cached {
+                    epoch,
+                    conn,
+                    activity,
+                    hold: None,
+                })
+            }
             Checkout::Wait => return Poll::Pending,
         }
     }
@@ -264,7 +318,7 @@ impl<C> Drop for Reconnect<C> {
 impl<C> fmt::Debug for Reconnect<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reconnect")
-            .field("epoch", &self.conn.as_ref().map(|(e, _)| *e))
+            .field("epoch", &self.conn.as_ref().map(|cached| cached.epoch))
             .field("reserved", &self.reserved)
             .field("when_disconnected", &self.when_disconnected)
             .finish_non_exhaustive()

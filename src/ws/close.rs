@@ -48,7 +48,7 @@ pub(crate) async fn close(shared: Arc<Shared>, conn: WsConn, cause: CloseCause) 
             }
             return;
         }
-        CloseCause::Disconnect | CloseCause::Suspend | CloseCause::Shutdown => {}
+        CloseCause::Disconnect | CloseCause::Suspend | CloseCause::Idle | CloseCause::Shutdown => {}
     }
 
     // Released: it writes what it owes, no more pings.

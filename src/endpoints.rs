@@ -1,0 +1,380 @@
+//! [`Endpoints`]: a set of managed connections that a tower balancer discovers.
+//!
+//! tower's balancers drop an endpoint for good at its first `poll_ready` error, and a
+//! `ServiceList` never gives it back. [`Endpoints`] is a set of managed connections, each with
+//! its own [`ReconnectLayer`](crate::ReconnectLayer) application (so its own backoff and
+//! state), and [`EndpointChanges`] is its `tower::discover::Discover`: an endpoint is inserted
+//! into the balancer while it is connected and removed while it is not, driven by its state,
+//! so that one that comes back serves again. Endpoints are added and removed at run time; a
+//! removed one is disconnected and closed.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use tower::balance::p2c::Balance;
+//! use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
+//! use tower::{Layer, Service, ServiceExt, service_fn};
+//! use tower_epoch::ReconnectLayer;
+//! use tower_epoch::endpoints::Endpoints;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let layer = ReconnectLayer::new(());
+//! let (endpoints, changes) = Endpoints::new();
+//! for name in ["a", "b", "c"] {
+//!     let connector = service_fn(move |()| async move {
+//!         Ok::<_, Infallible>(service_fn(move |x: u32| async move { Ok::<_, Infallible>((name, x)) }))
+//!     });
+//!     endpoints.insert(name, layer.layer(connector)); // connects it
+//! }
+//! // Each endpoint in the balancer counts its requests in flight, for p2c to compare.
+//! let mut balance = Balance::new(PendingRequestsDiscover::new(changes, CompleteOnResponse::default()));
+//!
+//! let (_, x) = balance.ready().await.unwrap().call(7).await.unwrap();
+//! assert_eq!(x, 7);
+//!
+//! // "b" leaves: it is taken out of the balancer, disconnected and closed.
+//! endpoints.remove(&"b").unwrap().await;
+//! for _ in 0..10 {
+//!     let (name, _) = balance.ready().await.unwrap().call(1).await.unwrap();
+//!     assert_ne!(name, "b");
+//! }
+//! # }
+//! ```
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use futures_core::Stream;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::task::AtomicWaker;
+use tokio::sync::watch;
+use tower::discover::Change;
+
+use crate::core::lock;
+use crate::epoch::Epoch;
+use crate::handle::{DisconnectFuture, Handle};
+use crate::reconnect::Reconnect;
+use crate::state::State;
+
+/// The controller of a set of managed endpoints: add and remove them at run time.
+///
+/// Cheap to clone; every clone controls the same set. Its [`EndpointChanges`] (from
+/// [`new`](Self::new)) goes to the balancer.
+pub struct Endpoints<K, C> {
+    shared: Arc<Shared<K, C>>,
+}
+
+/// The set's membership, shared by the controller and the changes stream.
+struct Shared<K, C> {
+    registry: Mutex<Registry<K, C>>,
+    /// The changes stream, woken when the membership changes.
+    waker: AtomicWaker,
+}
+
+struct Registry<K, C> {
+    members: HashMap<K, Member<C>>,
+    /// Keys inserted or removed since the changes stream last looked.
+    changed: Vec<K>,
+    next_generation: u64,
+}
+
+struct Member<C> {
+    /// Tells apart two endpoints inserted under the same key.
+    generation: u64,
+    /// Never polled: cloned for the balancer each time the endpoint connects.
+    service: Reconnect<C>,
+}
+
+impl<K, C> Endpoints<K, C>
+where
+    K: Hash + Eq + Clone,
+{
+    /// An empty set, and the stream of its changes for a balancer
+    /// (`tower::balance::p2c::Balance::new(changes)`).
+    pub fn new() -> (Endpoints<K, C>, EndpointChanges<K, C>) {
+        let shared = Arc::new(Shared {
+            registry: Mutex::new(Registry {
+                members: HashMap::new(),
+                changed: Vec::new(),
+                next_generation: 0,
+            }),
+            waker: AtomicWaker::new(),
+        });
+        let changes = EndpointChanges {
+            shared: Arc::clone(&shared),
+            view: HashMap::new(),
+            watches: FuturesUnordered::new(),
+            out: VecDeque::new(),
+        };
+        (Endpoints { shared }, changes)
+    }
+
+    /// Adds an endpoint under `key` and connects it ([`Handle::connect`]); it enters the
+    /// balancer once connected. `service` is a fresh application of a
+    /// [`ReconnectLayer`](crate::ReconnectLayer), whose settings (backoff, attempt limit,
+    /// timeouts) the endpoint keeps.
+    ///
+    /// An endpoint already under `key` is replaced: it leaves the balancer and is disconnected;
+    /// the returned future resolves once it is closed.
+    pub fn insert(&self, key: K, service: Reconnect<C>) -> Option<DisconnectFuture> {
+        let handle = service.handle();
+        let replaced = {
+            let mut registry = lock(&self.shared.registry);
+            let generation = registry.next_generation;
+            registry.next_generation += 1;
+            registry.changed.push(key.clone());
+            registry.members.insert(
+                key,
+                Member {
+                    generation,
+                    service,
+                },
+            )
+        };
+        self.shared.waker.wake();
+        // Only `Shutdown` fails, and then the endpoint never connects: nothing to undo.
+        let _ = handle.connect();
+        replaced.map(|member| member.service.handle().disconnect())
+    }
+
+    /// Removes the endpoint under `key`: it leaves the balancer and is disconnected. Returns
+    /// `None` if there was none; else a future that resolves once it is closed.
+    pub fn remove(&self, key: &K) -> Option<DisconnectFuture> {
+        let removed = {
+            let mut registry = lock(&self.shared.registry);
+            let removed = registry.members.remove(key)?;
+            registry.changed.push(key.clone());
+            removed
+        };
+        self.shared.waker.wake();
+        Some(removed.service.handle().disconnect())
+    }
+
+    /// The handle of the endpoint under `key`.
+    pub fn handle(&self, key: &K) -> Option<Handle> {
+        let registry = lock(&self.shared.registry);
+        registry
+            .members
+            .get(key)
+            .map(|member| member.service.handle())
+    }
+
+    /// The keys of the endpoints in the set (connected or not), in no particular order.
+    pub fn keys(&self) -> Vec<K> {
+        lock(&self.shared.registry)
+            .members
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// How many endpoints the set has (connected or not).
+    pub fn len(&self) -> usize {
+        lock(&self.shared.registry).members.len()
+    }
+
+    /// Whether the set has no endpoint.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<K, C> Clone for Endpoints<K, C> {
+    fn clone(&self) -> Self {
+        Endpoints {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<K: fmt::Debug, C> fmt::Debug for Endpoints<K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let registry = lock(&self.shared.registry);
+        f.debug_set().entries(registry.members.keys()).finish()
+    }
+}
+
+/// The changes of an [`Endpoints`] set, as a `tower::discover::Discover` for a balancer.
+///
+/// It yields `Change::Insert` when an endpoint becomes connected (with a fresh clone of its
+/// [`Reconnect`] service) and `Change::Remove` when it leaves `Connected` (a failure, a
+/// disconnect, a terminal state) or the set. An endpoint reconnected under a new epoch is
+/// inserted again, which replaces the balancer's old clone. It never ends: the set may grow.
+/// It must be polled (the balancer does, in `poll_ready`) for the balancer to see changes.
+pub struct EndpointChanges<K, C> {
+    shared: Arc<Shared<K, C>>,
+    /// What the balancer was told, per endpoint.
+    view: HashMap<K, Seen>,
+    /// One watch per endpoint (and stale ones for replaced endpoints, which end at their next
+    /// state change).
+    watches: FuturesUnordered<Watch<K>>,
+    /// Changes decided and not yet yielded, in order.
+    out: VecDeque<Change<K, Reconnect<C>>>,
+}
+
+/// What the balancer knows of an endpoint.
+#[derive(Debug)]
+struct Seen {
+    generation: u64,
+    /// The epoch of the connection it was inserted with, while it is in the balancer.
+    inserted: Option<Epoch>,
+}
+
+type Watch<K> = Pin<Box<dyn Future<Output = Watched<K>> + Send>>;
+
+/// An endpoint's state changed (or its core is gone: `open` false).
+struct Watched<K> {
+    key: K,
+    generation: u64,
+    states: watch::Receiver<State>,
+    open: bool,
+}
+
+fn watch<K: Send + 'static>(
+    key: K,
+    generation: u64,
+    mut states: watch::Receiver<State>,
+) -> Watch<K> {
+    Box::pin(async move {
+        let open = states.changed().await.is_ok();
+        Watched {
+            key,
+            generation,
+            states,
+            open,
+        }
+    })
+}
+
+impl<K, C> EndpointChanges<K, C>
+where
+    K: Hash + Eq + Clone + Send + 'static,
+    C: Clone,
+{
+    /// Takes in the keys inserted or removed since the last look.
+    fn membership(&mut self) {
+        let registry = &mut *lock(&self.shared.registry);
+        for key in std::mem::take(&mut registry.changed) {
+            let Some(member) = registry.members.get(&key) else {
+                // Removed (or inserted and removed before we looked).
+                if let Some(Seen {
+                    inserted: Some(_), ..
+                }) = self.view.remove(&key)
+                {
+                    self.out.push_back(Change::Remove(key));
+                }
+                continue;
+            };
+            let generation = member.generation;
+            let fresh = Seen {
+                generation,
+                inserted: None,
+            };
+            match self.view.entry(key.clone()) {
+                // Seen already: the key was changed twice before we looked.
+                Entry::Occupied(seen) if seen.get().generation == generation => continue,
+                Entry::Occupied(mut seen) => {
+                    let replaced = std::mem::replace(seen.get_mut(), fresh);
+                    self.out
+                        .extend(replaced.inserted.map(|_| Change::Remove(key.clone())));
+                }
+                Entry::Vacant(vacant) => {
+                    vacant.insert(fresh);
+                }
+            }
+            // Looked at at once: it may be connected already.
+            let mut states = member.service.handle().subscribe();
+            states.mark_changed();
+            self.watches.push(watch(key, generation, states));
+        }
+    }
+
+    /// An endpoint's state changed: in the balancer while connected, out otherwise.
+    fn changed(&mut self, watched: Watched<K>) {
+        let Watched {
+            key,
+            generation,
+            mut states,
+            open,
+        } = watched;
+        let Some(seen) = self
+            .view
+            .get_mut(&key)
+            .filter(|s| s.generation == generation)
+        else {
+            // Removed or replaced: this watch ends.
+            return;
+        };
+        let connected = match *states.borrow_and_update() {
+            State::Connected { epoch } => Some(epoch),
+            _ => None,
+        };
+        match (connected, seen.inserted) {
+            (Some(epoch), inserted) if inserted != Some(epoch) => {
+                let registry = lock(&self.shared.registry);
+                let member = registry.members.get(&key);
+                if let Some(member) = member.filter(|m| m.generation == generation) {
+                    seen.inserted = Some(epoch);
+                    self.out
+                        .push_back(Change::Insert(key.clone(), member.service.clone()));
+                }
+            }
+            (None, Some(_)) => {
+                seen.inserted = None;
+                self.out.push_back(Change::Remove(key.clone()));
+            }
+            _ => {}
+        }
+        if open {
+            self.watches.push(watch(key, generation, states));
+        }
+    }
+}
+
+// Nothing in it is ever pinned: the watches are boxed.
+impl<K, C> Unpin for EndpointChanges<K, C> {}
+
+impl<K, C> Stream for EndpointChanges<K, C>
+where
+    K: Hash + Eq + Clone + Send + 'static,
+    C: Clone,
+{
+    type Item = Result<Change<K, Reconnect<C>>, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        // Before the look, so that a change after it wakes us.
+        this.shared.waker.register(cx.waker());
+        this.membership();
+        while let Poll::Ready(Some(watched)) = this.watches.poll_next_unpin(cx) {
+            this.changed(watched);
+        }
+        match this.out.pop_front() {
+            Some(change) => Poll::Ready(Some(Ok(change))),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl<K: fmt::Debug, C> fmt::Debug for EndpointChanges<K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointChanges")
+            .field(
+                "in_balancer",
+                &self
+                    .view
+                    .iter()
+                    .filter(|(_, s)| s.inserted.is_some())
+                    .map(|(k, _)| k)
+                    .collect::<Vec<_>>(),
+            )
+            .field("pending", &self.out.len())
+            .finish_non_exhaustive()
+    }
+}
