@@ -45,6 +45,8 @@ pub struct Book {
     pub cut: BTreeMap<u64, u32>,
     /// Requests served: (connection, request).
     pub served: Vec<(u64, u32)>,
+    /// Requests that reached a connection whose teardown had begun: (connection, request).
+    pub late: Vec<(u64, u32)>,
     /// Targets seen by attempts, in order.
     pub targets: Vec<String>,
     script: VecDeque<Attempt>,
@@ -280,7 +282,11 @@ impl Service<u32> for Conn {
     }
 
     fn call(&mut self, req: u32) -> Self::Future {
-        self.inner.ledger.book().served.push((self.id, req));
+        let mut book = self.inner.ledger.book();
+        if book.teardowns.iter().any(|(id, _)| *id == self.id) {
+            book.late.push((self.id, req));
+        }
+        book.served.push((self.id, req));
         std::future::ready(Ok((self.id, req)))
     }
 }

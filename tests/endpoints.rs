@@ -1,0 +1,258 @@
+//! The `Endpoints` set as a balancer's `Discover`, over ledger connections in paused time:
+//! endpoints enter while connected and leave while not, come back after a reconnect, and are
+//! closed when removed; and `Load` for `Reconnect`.
+
+mod common;
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use tower::balance::p2c::Balance;
+use tower::discover::Change;
+use tower::load::{CompleteOnResponse, Load, PendingRequestsDiscover};
+use tower::{Service, ServiceExt, service_fn};
+use tower_epoch::endpoints::{EndpointChanges, Endpoints};
+use tower_epoch::teardown::CloseCause;
+use tower_epoch::{EndpointLoad, ReconnectLayer, State, WhenDisconnected};
+
+type Changes = EndpointChanges<&'static str, Conn>;
+
+/// The changes ready now, as ("+" or "-", key).
+fn ready_changes(changes: &mut Changes) -> Vec<(&'static str, &'static str)> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut out = Vec::new();
+    while let Poll::Ready(Some(Ok(change))) = changes.poll_next_unpin(&mut cx) {
+        out.push(match change {
+            Change::Insert(key, _) => ("+", key),
+            Change::Remove(key) => ("-", key),
+        });
+    }
+    out
+}
+
+fn endpoint(ledger: &Ledger) -> tower_epoch::Reconnect<Conn> {
+    tower::Layer::layer(&layer(ledger), ledger.connector())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_enters_when_connected_leaves_when_it_fails_and_returns_after_the_backoff() {
+    let (endpoints, mut changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    assert!(endpoints.insert("a", endpoint(&ledger)).is_none());
+    assert_eq!(ready_changes(&mut changes), vec![], "not connected yet");
+    settle().await;
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")]);
+
+    let handle = endpoints.handle(&"a").unwrap();
+    let (epoch, conn) = handle.connection::<Conn>().unwrap();
+    handle.report_failure(epoch, "dropped");
+    assert_eq!(ready_changes(&mut changes), vec![("-", "a")]);
+    advance(BACKOFF).await;
+    assert!(handle.state().is_connected());
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")], "back");
+    assert_eq!(ready_changes(&mut changes), vec![], "once");
+    drop(conn);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_reconnected_before_the_balancer_looked_is_inserted_again() {
+    let (endpoints, mut changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    endpoints.insert("a", endpoint(&ledger));
+    settle().await;
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")]);
+    let handle = endpoints.handle(&"a").unwrap();
+    handle.report_failure(handle.epoch(), "dropped");
+    advance(BACKOFF).await;
+    // The stream saw only the latest state (connected, a new epoch): the balancer's clone is
+    // replaced all the same.
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_endpoint_leaves_the_balancer_and_is_closed() {
+    let (endpoints, mut changes) = Endpoints::new();
+    let (a, b) = (Ledger::new(), Ledger::new());
+    endpoints.insert("a", endpoint(&a));
+    endpoints.insert("b", endpoint(&b));
+    settle().await;
+    let mut entered = ready_changes(&mut changes);
+    entered.sort();
+    assert_eq!(entered, vec![("+", "a"), ("+", "b")]);
+    assert_eq!(endpoints.len(), 2);
+
+    let closed = endpoints.remove(&"a").expect("it was there");
+    tokio::time::timeout(Duration::from_secs(60), closed)
+        .await
+        .expect("closed within the bound");
+    assert_eq!(a.book().teardowns, vec![(1, CloseCause::Disconnect)]);
+    assert_eq!(a.closes(1), 1);
+    assert_eq!(ready_changes(&mut changes), vec![("-", "a")]);
+    assert!(endpoints.remove(&"a").is_none());
+    assert_eq!(endpoints.keys(), vec!["b"]);
+    assert_eq!(format!("{endpoints:?}"), r#"{"b"}"#);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replaced_endpoint_leaves_and_its_successor_enters() {
+    let (endpoints, mut changes) = Endpoints::new();
+    let (old, new) = (Ledger::new(), Ledger::new());
+    endpoints.insert("a", endpoint(&old));
+    settle().await;
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")]);
+    let closed = endpoints.insert("a", endpoint(&new)).expect("replaced");
+    closed.await;
+    assert_eq!(old.closes(1), 1);
+    settle().await;
+    assert_eq!(ready_changes(&mut changes), vec![("-", "a"), ("+", "a")]);
+    assert_eq!(new.opened(), vec![1]);
+    assert_eq!(endpoints.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_added_and_removed_before_the_balancer_looks_is_never_seen() {
+    let (endpoints, mut changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    endpoints.insert("a", endpoint(&ledger));
+    settle().await;
+    endpoints.remove(&"a").unwrap().await;
+    assert_eq!(ready_changes(&mut changes), vec![]);
+    assert!(endpoints.is_empty());
+    // Its watch ends with it: nothing is left behind.
+    advance(Duration::from_secs(60)).await;
+    assert_eq!(ready_changes(&mut changes), vec![]);
+    assert!(format!("{changes:?}").contains("in_balancer: []"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_terminal_endpoint_stays_out_until_connected_again() {
+    let (endpoints, mut changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    let service = tower::Layer::layer(
+        &layer(&ledger).with_max_attempts(1.try_into().unwrap()),
+        ledger.connector(),
+    );
+    endpoints.insert("a", service);
+    settle().await;
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")]);
+    let handle = endpoints.handle(&"a").unwrap();
+    ledger.default_attempt(Attempt::Fail(Duration::ZERO));
+    handle.report_failure(handle.epoch(), "dropped");
+    advance(BACKOFF * 10).await;
+    assert!(matches!(handle.state(), State::GaveUp { .. }));
+    assert_eq!(ready_changes(&mut changes), vec![("-", "a")]);
+    ledger.default_attempt(Attempt::Ok(Duration::ZERO));
+    handle.connect().unwrap();
+    settle().await;
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")]);
+}
+
+/// tower's `Balance` drops an endpoint whose `poll_ready` fails (as with `FailFast`); the set
+/// gives it back once it is connected again.
+#[tokio::test(start_paused = true)]
+async fn a_balancer_that_dropped_a_failing_endpoint_gets_it_back() {
+    let (endpoints, changes) = Endpoints::new();
+    let (a, b) = (Ledger::new(), Ledger::new());
+    for (key, ledger) in [("a", &a), ("b", &b)] {
+        let layer = layer(ledger).when_disconnected(WhenDisconnected::FailFast);
+        endpoints.insert(key, tower::Layer::layer(&layer, ledger.connector()));
+    }
+    settle().await;
+    let mut balance = Balance::new(PendingRequestsDiscover::new(
+        changes,
+        CompleteOnResponse::default(),
+    ));
+    let mut send = async |n: u32| {
+        let ready = tokio::time::timeout(Duration::from_secs(5), balance.ready()).await;
+        ready
+            .expect("ready in time")
+            .unwrap()
+            .call(n)
+            .await
+            .unwrap()
+    };
+    for n in 0..20 {
+        send(n).await;
+    }
+    assert!(!a.book().served.is_empty() && !b.book().served.is_empty());
+
+    // a's connection breaks: its poll_ready fails, the balancer drops it.
+    a.default_attempt(Attempt::Ok(Duration::ZERO));
+    endpoints
+        .handle(&"a")
+        .unwrap()
+        .connection::<Conn>()
+        .unwrap()
+        .1
+        .break_it();
+    let before = a.book().served.len();
+    for n in 100..120 {
+        send(n).await;
+    }
+    assert_eq!(
+        a.book().served.len(),
+        before,
+        "a serves nothing while it is down"
+    );
+    advance(BACKOFF).await;
+    assert!(endpoints.handle(&"a").unwrap().state().is_connected());
+    for n in 200..240 {
+        send(n).await;
+    }
+    let served_by_a_after = a
+        .book()
+        .served
+        .iter()
+        .filter(|(conn, n)| *conn == 2 && *n >= 200)
+        .count();
+    assert!(
+        served_by_a_after > 0,
+        "a serves again on its new connection"
+    );
+}
+
+/// A connection that measures its own load.
+#[derive(Clone)]
+struct Weighed(u32);
+
+impl Service<u32> for Weighed {
+    type Response = u32;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<u32, Infallible>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, n: u32) -> Self::Future {
+        std::future::ready(Ok(n))
+    }
+}
+
+impl Load for Weighed {
+    type Metric = u32;
+    fn load(&self) -> u32 {
+        self.0
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_load_is_the_installed_connections_or_disconnected() {
+    let connector = service_fn(|()| async { Ok::<_, Infallible>(Weighed(42)) });
+    let layer = ReconnectLayer::new(());
+    let handle = layer.handle();
+    let mut svc = tower::Layer::layer(&layer, connector);
+    assert_eq!(svc.load(), EndpointLoad::Disconnected);
+    handle.connect().unwrap();
+    settle().await;
+    assert_eq!(
+        svc.load(),
+        EndpointLoad::Disconnected,
+        "not checked out yet"
+    );
+    ServiceExt::<u32>::ready(&mut svc).await.unwrap();
+    assert_eq!(svc.load(), EndpointLoad::Connected(42));
+    handle.disconnect().await;
+    assert_eq!(svc.load(), EndpointLoad::Disconnected, "released");
+}
