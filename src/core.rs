@@ -92,8 +92,9 @@ pub(crate) struct Core {
     is_permanent: Mutex<Option<IsPermanent>>,
     /// Whether installed connections track their holds (the layer has an idle timeout).
     idle: AtomicBool,
-    /// Whether a waiting request may start an attempt (lazy, or an idle timeout).
-    on_demand: AtomicBool,
+    /// The machine's [`Machine::is_dormant`] after the last step: whether a waiting request
+    /// starts an attempt.
+    dormant: AtomicBool,
     /// The transition events, made when first followed.
     events: OnceLock<Box<Hub>>,
 }
@@ -183,7 +184,7 @@ impl Core {
             next_waiter: AtomicU64::new(1),
             is_permanent: Mutex::new(None),
             idle: AtomicBool::new(false),
-            on_demand: AtomicBool::new(policy.lazy),
+            dormant: AtomicBool::new(policy.lazy),
             events: OnceLock::new(),
         })
     }
@@ -191,10 +192,14 @@ impl Core {
     /// Sets the policies of the layer being applied to this core; `idle`: whether it has an
     /// idle timeout.
     pub(crate) fn configure(&self, policy: Policy, is_permanent: Option<IsPermanent>, idle: bool) {
-        lock(&self.locked).machine.set_policy(policy);
+        {
+            let mut locked = lock(&self.locked);
+            locked.machine.set_policy(policy);
+            self.dormant
+                .store(locked.machine.is_dormant(), Ordering::Release);
+        }
         *lock(&self.is_permanent) = is_permanent;
         self.idle.store(idle, Ordering::Release);
-        self.on_demand.store(policy.lazy || idle, Ordering::Release);
     }
 
     /// Whether `error` is permanent, by the layer's predicate (run outside every lock; a
@@ -301,6 +306,7 @@ impl Core {
             if queued {
                 lock(&self.work).extend(work);
             }
+            self.dormant.store(machine.is_dormant(), Ordering::Release);
             let after = machine.state();
             let publish = (!same_state(&before, after)).then(|| {
                 *steps += 1;
@@ -387,6 +393,10 @@ impl Core {
     #[inline]
     pub(crate) fn is_installed(&self, epoch: Epoch) -> bool {
         self.installed.load(Ordering::Acquire) == epoch.get()
+    }
+
+    pub(crate) fn is_dormant(&self) -> bool {
+        self.dormant.load(Ordering::Acquire)
     }
 
     pub(crate) fn state(&self) -> State {
@@ -492,12 +502,7 @@ impl Core {
             Some((epoch, conn, activity)) => return Ok(Checkout::Installed(epoch, conn, activity)),
             None => {}
         }
-        let dormant = self.on_demand.load(Ordering::Acquire)
-            && matches!(
-                *self.state_tx.borrow(),
-                State::Idle | State::Disconnecting { .. }
-            );
-        if dormant {
+        if self.is_dormant() {
             // Its install (or failure) wakes us.
             self.apply(Event::Demand);
         }

@@ -5,7 +5,8 @@
 //! its own [`ReconnectLayer`](crate::ReconnectLayer) application (so its own backoff and
 //! state), and [`EndpointChanges`] is its `tower::discover::Discover`: an endpoint is inserted
 //! into the balancer while it is connected and removed while it is not, driven by its state,
-//! so that one that comes back serves again. Endpoints are added and removed at run time; a
+//! so that one that comes back serves again. With an idle timeout, an endpoint closed as idle
+//! stays in the balancer, dormant, and the next request connects it again. Endpoints are added and removed at run time; a
 //! removed one is disconnected and closed.
 //!
 //! ```
@@ -116,7 +117,9 @@ where
     }
 
     /// Adds an endpoint under `key` and connects it ([`Handle::connect`]); it enters the
-    /// balancer once connected. `service` is a fresh application of a
+    /// balancer once connected. An endpoint of a layer that
+    /// [connects on demand](crate::ReconnectLayer::connect_on_demand) is not connected here: it
+    /// enters the balancer dormant, and the balancer's first `poll_ready` connects it. `service` is a fresh application of a
     /// [`ReconnectLayer`](crate::ReconnectLayer), whose settings (backoff, attempt limit,
     /// timeouts) the endpoint keeps.
     ///
@@ -138,8 +141,10 @@ where
             )
         };
         self.shared.waker.wake();
-        // Only `Shutdown` fails, and then the endpoint never connects: nothing to undo.
-        let _ = handle.connect();
+        if !handle.connects_on_demand() {
+            // Only `Shutdown` fails, and then the endpoint never connects: nothing to undo.
+            let _ = handle.connect();
+        }
         replaced.map(|member| member.service.handle().disconnect())
     }
 
@@ -204,7 +209,9 @@ impl<K: fmt::Debug, C> fmt::Debug for Endpoints<K, C> {
 ///
 /// It yields `Change::Insert` when an endpoint becomes connected (with a fresh clone of its
 /// [`Reconnect`] service) and `Change::Remove` when it leaves `Connected` (a failure, a
-/// disconnect, a terminal state) or the set. An endpoint reconnected under a new epoch is
+/// disconnect, a terminal state) or the set. A *dormant* endpoint
+/// ([`Handle::connects_on_demand`]: lazy, or closed by the idle timeout) is in the balancer
+/// too, so that the balancer's `poll_ready` connects it; it stays in while that attempt runs. An endpoint reconnected under a new epoch is
 /// inserted again, which replaces the balancer's old clone. It never ends: the set may grow.
 /// It must be polled (the balancer does, in `poll_ready`) for the balancer to see changes.
 pub struct EndpointChanges<K, C> {
@@ -222,8 +229,17 @@ pub struct EndpointChanges<K, C> {
 #[derive(Debug)]
 struct Seen {
     generation: u64,
-    /// The epoch of the connection it was inserted with, while it is in the balancer.
-    inserted: Option<Epoch>,
+    /// How it was inserted, while it is in the balancer.
+    inserted: Option<In>,
+}
+
+/// Why an endpoint is in the balancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum In {
+    /// Connected with the connection of this epoch.
+    Connected(Epoch),
+    /// Dormant: the balancer's `poll_ready` connects it.
+    Dormant,
 }
 
 type Watch<K> = Pin<Box<dyn Future<Output = Watched<K>> + Send>>;
@@ -311,26 +327,38 @@ where
             // Removed or replaced: this watch ends.
             return;
         };
-        let connected = match *states.borrow_and_update() {
-            State::Connected { epoch } => Some(epoch),
-            _ => None,
+        let (connected, connecting) = match *states.borrow_and_update() {
+            State::Connected { epoch } => (Some(In::Connected(epoch)), false),
+            State::Connecting { .. } => (None, true),
+            _ => (None, false),
         };
-        match (connected, seen.inserted) {
-            (Some(epoch), inserted) if inserted != Some(epoch) => {
-                let registry = lock(&self.shared.registry);
-                let member = registry.members.get(&key);
-                if let Some(member) = member.filter(|m| m.generation == generation) {
-                    seen.inserted = Some(epoch);
-                    self.out
-                        .push_back(Change::Insert(key.clone(), member.service.clone()));
-                }
+        // Woken from dormant by the balancer: stays in while its first attempt runs.
+        let waking = connecting && seen.inserted == Some(In::Dormant);
+        let registry = lock(&self.shared.registry);
+        let member = registry
+            .members
+            .get(&key)
+            .filter(|m| m.generation == generation);
+        // Dormant (lazy, or closed as idle): in, so that the balancer's readiness wakes it.
+        let dormant = member.is_some_and(|m| m.service.handle_ref().connects_on_demand());
+        let now = connected.or((dormant || waking).then_some(In::Dormant));
+        match (now, seen.inserted, member) {
+            // Already in: a dormant endpoint that connected keeps the balancer's clone.
+            (Some(In::Connected(_)), Some(In::Dormant), _) | (Some(In::Dormant), Some(_), _) => {
+                seen.inserted = now;
             }
-            (None, Some(_)) => {
+            (Some(now), inserted, Some(member)) if inserted != Some(now) => {
+                seen.inserted = Some(now);
+                self.out
+                    .push_back(Change::Insert(key.clone(), member.service.clone()));
+            }
+            (None, Some(_), _) => {
                 seen.inserted = None;
                 self.out.push_back(Change::Remove(key.clone()));
             }
             _ => {}
         }
+        drop(registry);
         if open {
             self.watches.push(watch(key, generation, states));
         }

@@ -120,6 +120,15 @@ impl Handle {
         self.core.reconnect_now()
     }
 
+    /// Whether the next request starts an attempt: the connection is disconnected but
+    /// *dormant*, in a layer that [connects on demand](crate::ReconnectLayer::connect_on_demand)
+    /// before its first request or after a normal end by the peer, or after an
+    /// [idle timeout](crate::ReconnectLayer::with_idle_timeout). False after a `disconnect()`
+    /// or a `suspend()`, and in every other state.
+    pub fn connects_on_demand(&self) -> bool {
+        self.core.is_dormant()
+    }
+
     /// The current state.
     pub fn state(&self) -> State {
         self.core.state()

@@ -206,6 +206,11 @@ impl Machine {
         self.attempt
     }
 
+    /// Whether a request would start an attempt now.
+    pub(crate) fn is_dormant(&self) -> bool {
+        self.dormant && matches!(self.state, State::Idle | State::Disconnecting { .. })
+    }
+
     pub(crate) fn state(&self) -> &State {
         &self.state
     }
@@ -268,10 +273,7 @@ impl Machine {
                 _ => Reply::Took(false),
             },
             // A request wakes a dormant connection; a deliberate disconnect stays (rule 8).
-            Event::Demand
-                if self.dormant
-                    && matches!(self.state, State::Idle | State::Disconnecting { .. }) =>
-            {
+            Event::Demand if self.is_dormant() => {
                 self.ledger.demanded += 1;
                 self.reset_backoff(effects);
                 self.start_attempt(effects);
@@ -354,8 +356,10 @@ impl Machine {
                 self.ledger.ended += 1;
                 match self.policy.normal_end {
                     // As after a disconnect: nothing reconnects.
+                    // In a lazy layer, the next request connects again (a gRPC channel's idle).
                     NormalEnd::Idle => {
                         self.release(CloseCause::Ended, false, effects);
+                        self.dormant = self.policy.lazy;
                     }
                     // Up for the stable period: released, and a new attempt at once.
                     NormalEnd::Reconnect if self.attempt == 0 => {

@@ -256,3 +256,54 @@ async fn the_load_is_the_installed_connections_or_disconnected() {
     handle.disconnect().await;
     assert_eq!(svc.load(), EndpointLoad::Disconnected, "released");
 }
+
+/// With an idle timeout, an endpoint closed as idle stays in the balancer, dormant, and the
+/// balancer's readiness connects it again; a lazy endpoint enters dormant and connects the
+/// same way.
+#[tokio::test(start_paused = true)]
+async fn dormant_endpoints_stay_in_the_balancer_and_connect_on_its_readiness() {
+    let (endpoints, changes) = Endpoints::new();
+    let (idle, lazy) = (Ledger::new(), Ledger::new());
+    let idle_layer = layer(&idle).with_idle_timeout(Duration::from_secs(10));
+    endpoints.insert("idle", tower::Layer::layer(&idle_layer, idle.connector()));
+    let lazy_layer = layer(&lazy).connect_on_demand();
+    endpoints.insert("lazy", tower::Layer::layer(&lazy_layer, lazy.connector()));
+    settle().await;
+    let lazy_handle = endpoints.handle(&"lazy").unwrap();
+    assert!(lazy_handle.connects_on_demand(), "not connected by insert");
+    assert_eq!(lazy.opened(), Vec::<u64>::new());
+
+    let mut balance = Balance::new(PendingRequestsDiscover::new(
+        changes,
+        CompleteOnResponse::default(),
+    ));
+    let ready = tokio::time::timeout(Duration::from_secs(5), balance.ready()).await;
+    ready.expect("ready").unwrap().call(1).await.unwrap();
+    settle().await;
+    assert_eq!(
+        lazy.opened(),
+        vec![1],
+        "the balancer's readiness connected it"
+    );
+
+    // Both go idle without requests... (the lazy one has no idle timeout: it stays)
+    let idle_handle = endpoints.handle(&"idle").unwrap();
+    for _ in 0..40 {
+        advance(Duration::from_secs(1)).await;
+    }
+    assert!(idle_handle.connects_on_demand(), "{}", idle_handle.state());
+    assert_eq!(idle_handle.ledger().idled, 1);
+
+    // ...and the balancer connects it again: requests keep flowing to both.
+    for n in 0..20 {
+        let ready = tokio::time::timeout(Duration::from_secs(5), balance.ready()).await;
+        ready.expect("ready").unwrap().call(n).await.unwrap();
+    }
+    settle().await;
+    assert!(
+        idle_handle.state().is_connected(),
+        "{}",
+        idle_handle.state()
+    );
+    assert_eq!(idle.opened().len(), 2, "reconnected after the idle close");
+}

@@ -327,3 +327,25 @@ async fn a_request_racing_the_idle_close_on_another_thread_is_never_sent_on_the_
     drop(book);
     eprintln!("idle closes raced: {}", handle.ledger().idled);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_normal_end_by_the_peer_leaves_a_lazy_connection_dormant() {
+    let ledger = Ledger::new();
+    let (mut svc, handle) = start(
+        &ledger,
+        layer(&ledger)
+            .connect_on_demand()
+            .with_monitor(|conn: &Conn, _| conn.ended()),
+    );
+    assert!(handle.connects_on_demand(), "lazy before the first request");
+    svc.ready().await.unwrap().call(1).await.unwrap();
+    assert!(!handle.connects_on_demand(), "connected");
+    handle.connection::<Conn>().unwrap().1.end(false);
+    settle().await;
+    assert!(matches!(handle.state(), State::Idle), "{}", handle.state());
+    assert!(handle.connects_on_demand(), "a gRPC channel's idle");
+    assert_eq!(svc.ready().await.unwrap().call(2).await.unwrap(), (2, 2));
+
+    handle.disconnect().await;
+    assert!(!handle.connects_on_demand(), "rule 8");
+}

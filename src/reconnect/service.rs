@@ -138,6 +138,10 @@ impl<C> Reconnect<C> {
         self.handle.clone()
     }
 
+    pub(crate) fn handle_ref(&self) -> &Handle {
+        &self.handle
+    }
+
     fn core(&self) -> &Arc<Core> {
         self.handle.core()
     }
