@@ -98,10 +98,17 @@ impl Activity {
 pub(crate) struct Hold(Arc<Activity>);
 
 impl Drop for Hold {
+    /// Touches and releases in one step: a look between the two would see the connection
+    /// unheld and untouched, and claim it at once after a hold that spanned the last look.
     fn drop(&mut self) {
-        let before = self.0.0.fetch_sub(1, Ordering::AcqRel);
-        debug_assert!(before & HOLDS != 0, "a hold is released once");
-        self.0.touch(before);
+        let released = self
+            .0
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                debug_assert!(v & HOLDS != 0, "a hold is released once");
+                Some((v - 1) | TOUCHED)
+            });
+        debug_assert!(released.is_ok());
     }
 }
 

@@ -226,11 +226,10 @@ impl Core {
     fn apply(&self, event: Event) -> (Reply, Option<oneshot::Receiver<()>>) {
         tracing::trace!(?event, "step");
         let cause = Cause::of(&event);
-        let hub = self.events.get().filter(|hub| hub.is_followed());
         let mut wake = false;
         let mut done = None;
         let mut evicted = None;
-        let (reply, publish, queued, before) = {
+        let (reply, publish, queued, before, hub) = {
             let mut locked = lock(&self.locked);
             let Locked {
                 machine,
@@ -239,6 +238,9 @@ impl Core {
                 steps,
             } = &mut *locked;
             let before = machine.state().clone();
+            let was_dormant = machine.is_dormant();
+            // Under the lock: a reader that subscribed before this step sees it.
+            let hub = self.events.get().filter(|hub| hub.is_followed());
             let reply = machine.step(event, effects);
             let mut work = Vec::new();
             for effect in effects.drain(..) {
@@ -306,9 +308,13 @@ impl Core {
             if queued {
                 lock(&self.work).extend(work);
             }
-            self.dormant.store(machine.is_dormant(), Ordering::Release);
+            let dormant = machine.is_dormant();
+            self.dormant.store(dormant, Ordering::Release);
             let after = machine.state();
-            let publish = (!same_state(&before, after)).then(|| {
+            // A change of `dormant` alone (a disconnect or suspend of a dormant connection) is
+            // published too: it changes what a request does.
+            let changed = !same_state(&before, after) || was_dormant != dormant;
+            let publish = changed.then(|| {
                 *steps += 1;
                 if let (Some(hub), Some(cause)) = (hub, cause) {
                     hub.queue(Transition {
@@ -323,7 +329,7 @@ impl Core {
                 }
                 (*steps, after.clone())
             });
-            (reply, publish, queued, before)
+            (reply, publish, queued, before, hub)
         };
         if let Some((step, state)) = publish {
             tracing::debug!(epoch = %self.clock.now(), from = %before, to = %state, "transition");

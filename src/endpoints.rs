@@ -42,7 +42,7 @@
 //! ```
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -80,8 +80,8 @@ struct Shared<K, C> {
 
 struct Registry<K, C> {
     members: HashMap<K, Member<C>>,
-    /// Keys inserted or removed since the changes stream last looked.
-    changed: Vec<K>,
+    /// Keys inserted or removed since the changes stream last looked (each once).
+    changed: HashSet<K>,
     next_generation: u64,
 }
 
@@ -102,7 +102,7 @@ where
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry {
                 members: HashMap::new(),
-                changed: Vec::new(),
+                changed: HashSet::new(),
                 next_generation: 0,
             }),
             waker: AtomicWaker::new(),
@@ -125,13 +125,21 @@ where
     ///
     /// An endpoint already under `key` is replaced: it leaves the balancer and is disconnected;
     /// the returned future resolves once it is closed.
-    pub fn insert(&self, key: K, service: Reconnect<C>) -> Option<DisconnectFuture> {
+    ///
+    /// One layer serves every endpoint when the address is the connector's
+    /// (`connector.map_request(move |()| addr)` under `ReconnectLayer::new(())`), or one layer
+    /// each (`ReconnectLayer::new(addr)`). To follow an endpoint's transitions from the start,
+    /// take `service.handle().events()` before inserting it.
+    pub fn insert(&self, key: K, mut service: Reconnect<C>) -> Option<DisconnectFuture> {
         let handle = service.handle();
+        // The set's copy is only ever cloned, under its lock: with no connection cached, a
+        // clone runs no `Clone` of the user's.
+        service.forget();
         let replaced = {
             let mut registry = lock(&self.shared.registry);
             let generation = registry.next_generation;
             registry.next_generation += 1;
-            registry.changed.push(key.clone());
+            registry.changed.insert(key.clone());
             registry.members.insert(
                 key,
                 Member {
@@ -149,12 +157,16 @@ where
     }
 
     /// Removes the endpoint under `key`: it leaves the balancer and is disconnected. Returns
-    /// `None` if there was none; else a future that resolves once it is closed.
+    /// `None` if there was none; else a future that resolves once its teardown has closed it.
+    /// With [`DropTeardown`](crate::teardown::DropTeardown), "closed" means the middleware's
+    /// copy of a cloneable connection is dropped: the balancer's copy lives until the balancer
+    /// takes in the removal at its next `poll_ready`. A teardown that closes the connection
+    /// for every copy closes it at once (see [`crate::teardown`]).
     pub fn remove(&self, key: &K) -> Option<DisconnectFuture> {
         let removed = {
             let mut registry = lock(&self.shared.registry);
             let removed = registry.members.remove(key)?;
-            registry.changed.push(key.clone());
+            registry.changed.insert(key.clone());
             removed
         };
         self.shared.waker.wake();
@@ -343,10 +355,11 @@ where
         let dormant = member.is_some_and(|m| m.service.handle_ref().connects_on_demand());
         let now = connected.or((dormant || waking).then_some(In::Dormant));
         match (now, seen.inserted, member) {
-            // Already in: a dormant endpoint that connected keeps the balancer's clone.
-            (Some(In::Connected(_)), Some(In::Dormant), _) | (Some(In::Dormant), Some(_), _) => {
-                seen.inserted = now;
-            }
+            // Already in, and the balancer may poll it to connect it.
+            (Some(In::Dormant), Some(_), _) => seen.inserted = now,
+            // Connected (again): a fresh clone, even if the balancer still has one, which it
+            // may have dropped at a failed `poll_ready` (under `FailFast`, a dormant endpoint
+            // fails its first one while it connects).
             (Some(now), inserted, Some(member)) if inserted != Some(now) => {
                 seen.inserted = Some(now);
                 self.out

@@ -65,7 +65,8 @@ pub struct Transition {
     /// The clock after the step.
     pub epoch: Epoch,
     /// Attempts started in the current backoff session, after the step (0 once a connection
-    /// stayed up for the stable period).
+    /// stayed up for the stable period). Not the `attempt` of
+    /// [`State::WaitingToRetry`], which numbers the attempt to come.
     pub attempt: u32,
     /// When it happened (tokio's clock, so paused time in tests).
     pub at: Instant,

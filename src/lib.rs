@@ -19,7 +19,14 @@
 //!   with a policy for a normal end by the peer ([`NormalEnd`]: stay idle after a WebSocket
 //!   close 1000, reconnect after an HTTP/2 GOAWAY);
 //! - when the connection is itself a `Service<Req>`, the [`Reconnect`] service: a cheap-to-clone
-//!   request path whose readiness follows the connection.
+//!   request path whose readiness follows the connection, that can
+//!   [connect on the first request](ReconnectLayer::connect_on_demand) and
+//!   [close idle connections](ReconnectLayer::with_idle_timeout), and forwards the
+//!   connection's [`Load`](tower::load::Load);
+//! - every transition as an [event](events) with its cause, and
+//!   [`wait_for`](Handle::wait_for) a state with a timeout;
+//! - many endpoints: [`endpoints::Endpoints`], a set of managed connections that tower's
+//!   balancers discover, each in the balancer while it is connected.
 //!
 //! Every operation is tagged with an [`Epoch`] of a per-connection clock.
 //! This is the `connectClock` of the Phoenix JavaScript client made into a reusable guard: a

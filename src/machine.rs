@@ -177,6 +177,9 @@ pub(crate) struct Machine {
     /// connection closed as idle): the next request connects. A `disconnect()`, a `suspend()`
     /// or a normal end by the peer under [`NormalEnd::Idle`] clears it (rule 8).
     dormant: bool,
+    /// Whether a handle expressed an intent yet (a lazy policy applied later must not make
+    /// a connection dormant that a `disconnect()` or `suspend()` put to rest).
+    intended: bool,
 }
 
 impl Machine {
@@ -190,6 +193,7 @@ impl Machine {
             ledger: Ledger::default(),
             policy,
             dormant: policy.lazy,
+            intended: false,
         }
     }
 
@@ -197,7 +201,7 @@ impl Machine {
     /// dormant.
     pub(crate) fn set_policy(&mut self, policy: Policy) {
         self.policy = policy;
-        if matches!(self.state, State::Idle) && self.ledger == Ledger::default() {
+        if !self.intended {
             self.dormant = policy.lazy;
         }
     }
@@ -231,6 +235,10 @@ impl Machine {
     /// `effects`, and answers the caller.
     pub(crate) fn step(&mut self, event: Event, effects: &mut Vec<Effect>) -> Reply {
         let shut = matches!(self.state, State::Shutdown);
+        self.intended |= matches!(
+            event,
+            Event::Connect | Event::Disconnect | Event::Suspend | Event::Resume { .. }
+        );
         match event {
             // Nothing starts once the driver has stopped.
             Event::Connect | Event::Resume { .. } if shut => Reply::Epoch(Err(Error::Shutdown)),
@@ -250,8 +258,12 @@ impl Machine {
                 self.release(CloseCause::Suspend, false, effects);
                 Reply::Token(Some(self.now()))
             }
-            // Not connecting, connected or waiting to retry: nothing to come back to.
-            Event::Suspend => Reply::Token(None),
+            // Not connecting, connected or waiting to retry: nothing to come back to, and a
+            // dormant connection is no longer woken by a request (rule 8).
+            Event::Suspend => {
+                self.dormant = false;
+                Reply::Token(None)
+            }
             // Rule 5: a resume acts only if nothing changed the intent since its suspend.
             Event::Resume { token } if token != self.now() => {
                 Reply::Epoch(Err(Error::StaleResume {

@@ -17,6 +17,8 @@ use crate::error::SharedError;
 /// | from | event | to |
 /// |---|---|---|
 /// | `Idle`, `Disconnecting`, `GaveUp`, `Refused` | `connect()`, valid `resume(token)` | `Connecting { e', 1 }` (tick) |
+/// | `Idle`, `Disconnecting`, dormant | a request (lazy layer, or after an idle timeout) | `Connecting { e', 1 }` (tick) |
+/// | `Connected { e }` | no request held `e` for the idle timeout | as `disconnect()`, but dormant |
 /// | `Connecting { e, n }` | attempt of `e` succeeds | `Connected { e }` |
 /// | `Connecting { e, n }` | attempt of `e` fails, limit not reached | `WaitingToRetry { e, n + 1, .. }` |
 /// | `Connecting { e, n }` | attempt of `e` fails, `n` = limit | `GaveUp { n, .. }` |
@@ -36,7 +38,9 @@ use crate::error::SharedError;
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub enum State {
-    /// Disconnected by intent (or never connected) and no teardown in flight.
+    /// Disconnected by intent (or never connected) and no teardown in flight; or *dormant*
+    /// ([`Handle::connects_on_demand`](crate::Handle::connects_on_demand)): closed by the idle
+    /// timeout, or never used in a lazy layer, and the next request connects.
     #[default]
     Idle,
     /// A connect attempt of this epoch is in flight.

@@ -307,3 +307,119 @@ async fn dormant_endpoints_stay_in_the_balancer_and_connect_on_its_readiness() {
     );
     assert_eq!(idle.opened().len(), 2, "reconnected after the idle close");
 }
+
+/// A lazy `FailFast` endpoint: the balancer's first `poll_ready` demands it and fails with
+/// `NotConnected`, so tower's `Balance` drops it. Once it is connected, the set inserts a
+/// fresh clone (an earlier version assumed the balancer still had its clone, and the
+/// balancer had no endpoint although one was connected).
+#[tokio::test(start_paused = true)]
+async fn a_lazy_fail_fast_endpoint_dropped_by_the_balancer_is_inserted_again_once_connected() {
+    let (endpoints, changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    let layer = layer(&ledger)
+        .connect_on_demand()
+        .when_disconnected(WhenDisconnected::FailFast);
+    endpoints.insert("a", tower::Layer::layer(&layer, ledger.connector()));
+    let mut balance = Balance::new(PendingRequestsDiscover::new(
+        changes,
+        CompleteOnResponse::default(),
+    ));
+    // The first look: the balancer drops the endpoint (its poll_ready failed), and the
+    // request started connecting it.
+    let _ = tokio::time::timeout(Duration::from_millis(10), balance.ready()).await;
+    settle().await;
+    let handle = endpoints.handle(&"a").unwrap();
+    assert!(handle.state().is_connected(), "{}", handle.state());
+    // Connected, in the set, but never given back to the balancer.
+    let ready = tokio::time::timeout(Duration::from_secs(30), balance.ready()).await;
+    assert!(
+        ready.is_ok(),
+        "endpoint a is connected but the balancer never got it back"
+    );
+}
+
+/// The same after an idle close: a `FailFast` endpoint closed as idle is in the balancer,
+/// dormant; the balancer's next `poll_ready` fails and the balancer drops it; the set
+/// inserts it again once it is connected.
+#[tokio::test(start_paused = true)]
+async fn an_idle_closed_fail_fast_endpoint_dropped_by_the_balancer_is_inserted_again_once_connected()
+ {
+    let (endpoints, changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    let layer = layer(&ledger)
+        .with_idle_timeout(Duration::from_secs(10))
+        .when_disconnected(WhenDisconnected::FailFast);
+    endpoints.insert("a", tower::Layer::layer(&layer, ledger.connector()));
+    settle().await;
+    let mut balance = Balance::new(PendingRequestsDiscover::new(
+        changes,
+        CompleteOnResponse::default(),
+    ));
+    balance.ready().await.unwrap().call(1).await.unwrap();
+    let handle = endpoints.handle(&"a").unwrap();
+    for _ in 0..40 {
+        advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(handle.ledger().idled, 1, "{}", handle.state());
+    // The next request: the balancer's clone demands and fails fast; the balancer drops it.
+    let _ = tokio::time::timeout(Duration::from_millis(10), balance.ready()).await;
+    settle().await;
+    assert!(handle.state().is_connected(), "{}", handle.state());
+    let ready = tokio::time::timeout(Duration::from_secs(30), balance.ready()).await;
+    assert!(
+        ready.is_ok(),
+        "endpoint a is connected again but the balancer never got it back"
+    );
+}
+
+/// A dormant (lazy) endpoint the user disconnects while it is `Idle`: the state does not
+/// change, but it no longer connects on demand, and that is published, so it leaves the
+/// balancer.
+#[tokio::test(start_paused = true)]
+async fn a_dormant_endpoint_disconnected_leaves_the_balancer() {
+    let (endpoints, mut changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    let layer = layer(&ledger).connect_on_demand();
+    endpoints.insert("a", tower::Layer::layer(&layer, ledger.connector()));
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")], "dormant: in");
+    let handle = endpoints.handle(&"a").unwrap();
+    handle.disconnect().await;
+    assert!(!handle.connects_on_demand());
+    settle().await;
+    assert_eq!(
+        ready_changes(&mut changes),
+        vec![("-", "a")],
+        "disconnected by intent: out of the balancer"
+    );
+}
+
+/// tower's `Balance` keeps every endpoint it polled ready, reserved: by tower's readiness
+/// contract the reservation holds the connection, so an endpoint the balancer holds ready does
+/// not go idle (the docs of `with_idle_timeout` say so). An endpoint the balancer has not
+/// reserved does.
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_the_balancer_holds_ready_keeps_its_connection() {
+    let (endpoints, changes) = Endpoints::new();
+    let (held, unheld) = (Ledger::new(), Ledger::new());
+    let idle = |ledger: &Ledger| layer(ledger).with_idle_timeout(Duration::from_secs(10));
+    endpoints.insert("held", tower::Layer::layer(&idle(&held), held.connector()));
+    settle().await;
+    let mut balance = Balance::new(PendingRequestsDiscover::new(
+        changes,
+        CompleteOnResponse::default(),
+    ));
+    balance.ready().await.unwrap().call(1).await.unwrap();
+    balance.ready().await.unwrap(); // reserved, never called
+    let unheld_handle = {
+        let service = tower::Layer::layer(&idle(&unheld), unheld.connector());
+        let handle = service.handle();
+        handle.connect().unwrap();
+        handle
+    };
+    for _ in 0..100 {
+        advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(endpoints.handle(&"held").unwrap().ledger().idled, 0);
+    assert!(endpoints.handle(&"held").unwrap().state().is_connected());
+    assert_eq!(unheld_handle.ledger().idled, 1);
+}

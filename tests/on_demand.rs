@@ -349,3 +349,60 @@ async fn a_normal_end_by_the_peer_leaves_a_lazy_connection_dormant() {
     handle.disconnect().await;
     assert!(!handle.connects_on_demand(), "rule 8");
 }
+
+/// A lazy connection never used: `suspend()` is the app going to the background. It returns
+/// `None` (nothing was connected) and leaves the connection dormant, so the next background
+/// request connects: the suspend is undone by a request.
+#[tokio::test(start_paused = true)]
+async fn a_suspend_of_a_dormant_lazy_connection_is_not_undone_by_a_request() {
+    let ledger = Ledger::new();
+    let (mut svc, handle) = start(&ledger, layer(&ledger).connect_on_demand());
+    assert!(handle.suspend().is_none());
+    assert!(
+        !handle.connects_on_demand(),
+        "documented: false after a suspend()"
+    );
+    let ready = tokio::time::timeout(Duration::from_secs(5), svc.ready()).await;
+    assert!(ready.is_err(), "a request after suspend() connected");
+}
+
+/// The same after an idle close: `suspend()` while dormant returns `None` and the next request
+/// reconnects.
+#[tokio::test(start_paused = true)]
+async fn a_suspend_after_an_idle_close_is_not_undone_by_a_request() {
+    let ledger = Ledger::new();
+    let (mut svc, handle) = start(
+        &ledger,
+        layer(&ledger).with_idle_timeout(Duration::from_secs(10)),
+    );
+    handle.connect().unwrap();
+    settle().await;
+    for _ in 0..30 {
+        advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(handle.ledger().idled, 1);
+    assert!(handle.suspend().is_none());
+    let ready = tokio::time::timeout(Duration::from_secs(5), svc.ready()).await;
+    assert!(ready.is_err(), "a request after suspend() reconnected");
+}
+
+/// `disconnect()` through `layer.handle()` before the layer is applied: `set_policy` sees
+/// `Idle` with an untouched ledger (a release of nothing counts nothing) and makes the
+/// connection dormant again, so the first request connects although the last intent was a
+/// deliberate disconnect.
+#[tokio::test(start_paused = true)]
+async fn a_disconnect_before_the_layer_is_applied_is_not_undone_by_a_request() {
+    let ledger = Ledger::new();
+    let layer = layer(&ledger).connect_on_demand();
+    let handle = layer.handle();
+    handle.connect().unwrap();
+    drop(handle.disconnect());
+    assert!(matches!(handle.state(), State::Idle));
+    let mut svc = tower::Layer::layer(&layer, ledger.connector());
+    assert!(
+        !handle.connects_on_demand(),
+        "rule 8: disconnected by intent"
+    );
+    let ready = tokio::time::timeout(Duration::from_secs(5), svc.ready()).await;
+    assert!(ready.is_err(), "a request undid the disconnect");
+}

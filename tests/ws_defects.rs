@@ -391,6 +391,20 @@ async fn settings_out_of_range_are_typed_errors_at_build() {
     let builder = || WsClient::builder("ws://127.0.0.1:9/").unwrap();
     let second = Duration::from_secs(1);
     let cases = [
+        // The client sends through its own queue, not the `Reconnect` service: no request
+        // would hold the connection or start it (a busy client was closed as idle).
+        (
+            builder().layer(move |l| l.with_idle_timeout(second)),
+            SettingError::Unsupported {
+                setting: "with_idle_timeout",
+            },
+        ),
+        (
+            builder().layer(|l| l.connect_on_demand()),
+            SettingError::Unsupported {
+                setting: "connect_on_demand",
+            },
+        ),
         (
             builder().heartbeat(Duration::MAX, second),
             SettingError::DurationTooLong {

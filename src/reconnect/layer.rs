@@ -280,10 +280,31 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
     /// since the one before. A request that races the close is never sent on the closed
     /// connection: it waits for the next one, which it starts.
     ///
-    /// Costs two atomic read-modify-writes per request, and nothing when not set.
+    /// A service that `poll_ready` reserved holds the connection until it calls, as tower's
+    /// readiness contract says. So behind tower's `Balance`, which keeps every endpoint it
+    /// polled ready, an endpoint in the balancer's ready set does not go idle. To let a
+    /// balanced channel go idle as a whole, as a gRPC channel does, put the idle timeout on a
+    /// layer whose connection is the balancer (a `Buffer` around a `Balance`).
+    ///
+    /// Costs two atomic read-modify-writes per request, and nothing when not set. The
+    /// WebSocket client refuses it (`ws::SettingError::Unsupported`):
+    /// its messages do not go through the [`Reconnect`] service.
     pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
         self.settings.timeouts.idle = Some(timeout);
         self
+    }
+
+    /// A setting that only works through the [`Reconnect`] service, if one is set (the
+    /// WebSocket client refuses them: it sends through its own queue).
+    #[cfg_attr(not(feature = "ws"), allow(dead_code))]
+    pub(crate) fn request_path_setting(&self) -> Option<&'static str> {
+        if self.settings.lazy {
+            Some("connect_on_demand")
+        } else if self.settings.timeouts.idle.is_some() {
+            Some("with_idle_timeout")
+        } else {
+            None
+        }
     }
 
     /// What the service does while no connection is installed.

@@ -142,6 +142,12 @@ impl<C> Reconnect<C> {
         &self.handle
     }
 
+    /// Drops the cached connection (and its hold): the next `poll_ready` checks one out.
+    pub(crate) fn forget(&mut self) {
+        self.conn = None;
+        self.reserved = Reservation::default();
+    }
+
     fn core(&self) -> &Arc<Core> {
         self.handle.core()
     }

@@ -319,6 +319,9 @@ impl<B> WsClientBuilder<B> {
         let base = (self.configure)(
             ReconnectLayer::with_target_fn(move || request()).on_normal_end(normal_end),
         );
+        if let Some(setting) = base.request_path_setting() {
+            return Err(SettingError::Unsupported { setting }.into());
+        }
         let handle = base.handle();
         let settings = Settings {
             max_message,

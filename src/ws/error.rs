@@ -110,6 +110,14 @@ pub enum SettingError {
         /// The connector's `max_write_buffer_size`.
         max_write_buffer_size: usize,
     },
+    /// A setting of the layer that works through the `Reconnect` service, which the client
+    /// does not use: its messages go through its own queue, so no request would hold the
+    /// connection or start it.
+    #[error("{setting} is not supported by the WebSocket client")]
+    Unsupported {
+        /// The layer's builder method.
+        setting: &'static str,
+    },
     /// A duration too long to add to a reading of the clock.
     #[error("{setting} of {value:?} is too long to be a deadline")]
     DurationTooLong {
