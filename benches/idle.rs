@@ -18,7 +18,7 @@
 //!   `Reconnect` service and its driver, connected): what managing a connection costs
 //!   besides the connection itself.
 //!
-//! Criterion reports bytes per connection (a custom measurement, [`Heap`]). Target for
+//! Criterion reports bytes per connection (a custom measurement, `support/figure.rs`). Target for
 //! `ws_client`: at most 16 KiB.
 //!
 //! Run with `cargo bench --bench idle`.
@@ -27,8 +27,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use criterion::measurement::{Measurement, ValueFormatter};
-use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use futures_util::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::{Builder, Runtime};
@@ -38,8 +37,11 @@ use tower_epoch::ws::WsClient;
 
 #[path = "support/alloc.rs"]
 mod alloc;
+#[path = "support/figure.rs"]
+mod figure;
 
 use alloc::live;
+use figure::{Figure, HEAP};
 
 /// Connections open at once in each sample.
 const CONNECTIONS: usize = 1_000;
@@ -171,58 +173,7 @@ fn core(rt: &Runtime) -> f64 {
     )
 }
 
-/// Heap bytes per connection: each sample's value is what one connection holds (times the
-/// iterations criterion asks for, which it divides back out).
-struct Heap;
-
-impl Measurement for Heap {
-    type Intermediate = ();
-    type Value = f64;
-
-    fn start(&self) {
-        panic!("`Heap` is measured only through `iter_custom`");
-    }
-
-    fn end(&self, (): ()) -> f64 {
-        panic!("`Heap` is measured only through `iter_custom`");
-    }
-
-    fn add(&self, a: &f64, b: &f64) -> f64 {
-        a + b
-    }
-
-    fn zero(&self) -> f64 {
-        0.0
-    }
-
-    fn to_f64(&self, value: &f64) -> f64 {
-        *value
-    }
-
-    fn formatter(&self) -> &dyn ValueFormatter {
-        &KiB
-    }
-}
-
-/// Shows bytes as KiB.
-struct KiB;
-
-impl ValueFormatter for KiB {
-    fn scale_values(&self, _typical: f64, values: &mut [f64]) -> &'static str {
-        values.iter_mut().for_each(|v| *v /= 1024.0);
-        "KiB"
-    }
-
-    fn scale_throughputs(&self, _typical: f64, _: &Throughput, values: &mut [f64]) -> &'static str {
-        self.scale_values(0.0, values)
-    }
-
-    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
-        "B"
-    }
-}
-
-fn idle(c: &mut Criterion<Heap>) {
+fn idle(c: &mut Criterion<Figure>) {
     let rt = runtime();
     let addr = server();
     let mut group = c.benchmark_group("idle/per_connection");
@@ -232,18 +183,20 @@ fn idle(c: &mut Criterion<Heap>) {
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_millis(1));
     group.bench_function("ws_client", |b| {
-        b.iter_custom(|iters| ws_client(&rt, addr) * iters as f64)
+        b.iter_custom(|iters| HEAP.value(ws_client(&rt, addr), iters))
     });
     group.bench_function("raw", |b| {
-        b.iter_custom(|iters| raw(&rt, addr) * iters as f64)
+        b.iter_custom(|iters| HEAP.value(raw(&rt, addr), iters))
     });
-    group.bench_function("core", |b| b.iter_custom(|iters| core(&rt) * iters as f64));
+    group.bench_function("core", |b| {
+        b.iter_custom(|iters| HEAP.value(core(&rt), iters))
+    });
     group.finish();
 }
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().with_measurement(Heap);
+    config = Criterion::default().with_measurement(HEAP);
     targets = idle
 }
 criterion_main!(benches);

@@ -1,9 +1,10 @@
-//! A thundering herd under paused tokio time, shared by `tests/herd.rs` and `benches/herd.rs`.
+//! A thundering herd under paused tokio time, shared by `tests/herd.rs`, `benches/herd.rs` and
+//! `benches/many.rs`.
 //!
-//! [`CLIENTS`] managed connections with the default backoff, over one in-memory server, are
-//! connected; at t = 0 the server drops them all (each connection reports a failure) and
-//! refuses connections until it is back, `down` later. Every connect attempt after t = 0 is
-//! recorded with its time.
+//! [`CLIENTS`] managed connections (or any number, with [`simulate_n`]) with the default
+//! backoff, over one in-memory server, are connected; at t = 0 the server drops them all (each
+//! connection reports a failure) and refuses connections until it is back, `down` later. Every
+//! connect attempt after t = 0 is recorded with its time.
 #![allow(dead_code, unreachable_pub)]
 
 use std::convert::Infallible;
@@ -30,8 +31,8 @@ pub struct Herd {
 }
 
 impl Herd {
-    /// The largest number of attempts in any window of `width` (sliding), as a share of all.
-    pub fn busiest_share(&self, width: Duration) -> f64 {
+    /// The largest number of attempts in any window of `width` (sliding).
+    pub fn busiest(&self, width: Duration) -> usize {
         let mut busiest = 0;
         let mut start = 0;
         for (end, t) in self.attempts.iter().enumerate() {
@@ -40,27 +41,52 @@ impl Herd {
             }
             busiest = busiest.max(end + 1 - start);
         }
-        busiest as f64 / self.attempts.len().max(1) as f64
+        busiest
+    }
+
+    /// The largest number of attempts in any window of `width` (sliding), as a share of all.
+    pub fn busiest_share(&self, width: Duration) -> f64 {
+        self.busiest(width) as f64 / self.attempts.len().max(1) as f64
     }
 }
 
-/// Runs the herd with the default backoff against a server down for `down`; must run under
-/// paused time.
+/// Runs the herd of [`CLIENTS`] with the default backoff against a server down for `down`;
+/// must run under paused time.
 pub async fn simulate(down: Duration) -> Herd {
     simulate_with(down, tower_epoch::backoff::default_backoff()).await
 }
 
-/// Runs the herd with `backoff`.
+/// Runs the herd of [`CLIENTS`] with `backoff`.
 pub async fn simulate_with<B>(down: Duration, backoff: B) -> Herd
 where
     B: MakeBackoff + Clone + Send + 'static,
     B::Backoff: Send,
     <B::Backoff as Backoff>::Future: Send + 'static,
 {
+    simulate_n_with(CLIENTS, down, backoff).await
+}
+
+/// Runs a herd of `clients` with the default backoff.
+pub async fn simulate_n(clients: usize, down: Duration) -> Herd {
+    simulate_n_with(clients, down, tower_epoch::backoff::default_backoff()).await
+}
+
+/// Runs a herd of `clients` with `backoff`.
+///
+/// Each step of paused time is followed by `max(10, clients / 100)` yields of the runtime
+/// (each runs up to 61 tasks, tokio's event interval), so that the drivers woken in a step
+/// run in it: 10 for [`CLIENTS`], as before `clients` was a parameter.
+pub async fn simulate_n_with<B>(clients: usize, down: Duration, backoff: B) -> Herd
+where
+    B: MakeBackoff + Clone + Send + 'static,
+    B::Backoff: Send,
+    <B::Backoff as Backoff>::Future: Send + 'static,
+{
+    let yields = (clients / 100).max(10);
     let log: Arc<Mutex<Vec<Instant>>> = Arc::default();
     // `None` while the clients are first connecting; then the time the server comes back.
     let back: Arc<Mutex<Option<Instant>>> = Arc::default();
-    let handles: Vec<Handle> = (0..CLIENTS)
+    let handles: Vec<Handle> = (0..clients)
         .map(|_| {
             let (log, back) = (Arc::clone(&log), Arc::clone(&back));
             let connector = service_fn(move |(): ()| {
@@ -87,7 +113,7 @@ where
         if handles.iter().all(|h| h.state().is_connected()) {
             break;
         }
-        settle().await;
+        settle(yields).await;
     }
     assert!(
         handles.iter().all(|h| h.state().is_connected()),
@@ -102,9 +128,14 @@ where
     }
     let step = Duration::from_millis(1);
     let limit = Duration::from_secs(300);
-    while handles.iter().any(|h| !h.state().is_connected()) && dropped.elapsed() < limit {
+    // The clients not yet back. Nothing fails once the server is back, so a client that is
+    // connected stays connected: only these need looking at after each step.
+    let mut waiting: Vec<&Handle> = handles.iter().collect();
+    waiting.retain(|h| !h.state().is_connected());
+    while !waiting.is_empty() && dropped.elapsed() < limit {
         tokio::time::advance(step).await;
-        settle().await;
+        settle(yields).await;
+        waiting.retain(|h| !h.state().is_connected());
     }
     let all_back = dropped.elapsed();
     let mut attempts: Vec<Duration> = log.lock().unwrap().iter().map(|t| *t - dropped).collect();
@@ -116,8 +147,8 @@ where
     }
 }
 
-async fn settle() {
-    for _ in 0..10 {
+async fn settle(yields: usize) {
+    for _ in 0..yields {
         tokio::task::yield_now().await;
     }
 }
