@@ -7,6 +7,10 @@
 //!
 //! - `bare`: the connection itself;
 //! - `tower_epoch`: [`tower_epoch::Reconnect`], connected through its handle before measuring;
+//! - `tower_epoch_idle_timeout`: the same with an idle timeout (each request holds the
+//!   connection, so that the idle close never races it);
+//! - `tower_epoch_failure_predicate`: the same with a failure predicate (each response future
+//!   can report its connection's failure);
 //! - `tower_reconnect`: [`tower::reconnect::Reconnect`];
 //! - `tower_resilience_reconnect`: `tower_resilience_reconnect::ReconnectService` (0.14).
 //!
@@ -21,6 +25,8 @@ use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
+
+use tower_epoch::State;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tokio::runtime::{Builder, Runtime};
@@ -91,30 +97,25 @@ fn request_path(c: &mut Criterion) {
         b.iter_custom(|iters| run(&rt, &mut bare, iters))
     });
 
-    // (b) tower-epoch, connected before measuring. `Layer::layer` spawns the driver on `rt`;
-    // the driver only runs while a `block_on` is pending, which the connected path never is.
-    let mut epoch = {
-        let _guard = rt.enter();
-        let layer = tower_epoch::ReconnectLayer::new(());
-        let handle = layer.handle();
-        let svc = layer.layer(connector::<_, ()>(connection()));
-        rt.block_on(async {
-            let mut states = handle.subscribe();
-            handle.connect().expect("the driver is running");
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                states.wait_for(|s| s.is_connected()),
-            )
-            .await
-            .expect("connected within 5 s")
-            .expect("state channel open");
-        });
-        assert!(handle.state().is_connected());
-        svc
-    };
+    // (b) tower-epoch, connected before measuring; with an idle timeout, whose requests hold
+    // the connection; and with a failure predicate. Both carry what they need in a box the
+    // response future owns, so that the plain path's future stays as small as before.
+    let mut epoch = connected(&rt, tower_epoch::ReconnectLayer::new(()));
     check(&rt, &mut epoch);
     group.bench_function("tower_epoch", |b| {
         b.iter_custom(|iters| run(&rt, &mut epoch, iters));
+    });
+    let idle = tower_epoch::ReconnectLayer::new(()).with_idle_timeout(Duration::from_secs(3600));
+    let mut epoch_idle = connected(&rt, idle);
+    check(&rt, &mut epoch_idle);
+    group.bench_function("tower_epoch_idle_timeout", |b| {
+        b.iter_custom(|iters| run(&rt, &mut epoch_idle, iters));
+    });
+    let classified = tower_epoch::ReconnectLayer::new(()).with_failure_predicate(|_| false);
+    let mut epoch_classified = connected(&rt, classified);
+    check(&rt, &mut epoch_classified);
+    group.bench_function("tower_epoch_failure_predicate", |b| {
+        b.iter_custom(|iters| run(&rt, &mut epoch_classified, iters));
     });
 
     // (c) tower's own Reconnect (connects lazily on the first poll_ready; `check` does it).
@@ -138,10 +139,32 @@ fn request_path(c: &mut Criterion) {
     group.finish();
 
     // Every middleware must still be on its first connection: nothing reconnected mid-run.
-    let handle = epoch.handle();
-    let ledger = handle.ledger();
-    assert!(handle.state().is_connected(), "{:?}", handle.state());
-    assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+    for handle in [
+        epoch.handle(),
+        epoch_idle.handle(),
+        epoch_classified.handle(),
+    ] {
+        let ledger = handle.ledger();
+        assert!(handle.state().is_connected(), "{:?}", handle.state());
+        assert_eq!((ledger.opened, ledger.installed), (1, 1), "{ledger:?}");
+    }
+}
+
+/// A tower-epoch service over the bench's connection, connected. `Layer::layer` spawns the
+/// driver on `rt`; the driver only runs while a `block_on` is pending, which the connected
+/// path never is.
+fn connected(
+    rt: &Runtime,
+    layer: tower_epoch::ReconnectLayer<()>,
+) -> tower_epoch::Reconnect<impl Service<u64, Response = u64, Error = Infallible> + Clone + use<>> {
+    let _guard = rt.enter();
+    let handle = layer.handle();
+    let svc = layer.layer(connector::<_, ()>(connection()));
+    handle.connect().expect("the driver is spawned");
+    rt.block_on(handle.wait_for(Duration::from_secs(5), State::is_connected))
+        .expect("connected within 5 s");
+    assert!(handle.state().is_connected());
+    svc
 }
 
 criterion_group!(benches, request_path);

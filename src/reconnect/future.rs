@@ -23,10 +23,39 @@ pin_project_lite::pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        classify: Option<Classify>,
-        // With an idle timeout: the request holds its connection until it completes.
-        hold: Option<Hold>,
+        // `None` unless a failure predicate or an idle timeout is configured: one word, whose
+        // drop is one test inlined on the hot path. (Two fields to drop made the future's drop
+        // a call on every request, 3.2 ns instead of 2.3; an allocation for the requests that
+        // carry something costs less, `cargo bench --bench request_path`.)
+        extra: Tail,
     }
+}
+
+/// The future's [`Extra`], whose drop is one test inlined on the hot path and a call only
+/// when there is one (a field of type `Option<Box<Extra>>` alone was dropped by a call).
+struct Tail(Option<Box<Extra>>);
+
+impl Drop for Tail {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if let Some(extra) = self.0.take() {
+            drop_extra(extra);
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn drop_extra(extra: Box<Extra>) {
+    drop(extra);
+}
+
+/// What a response future carries besides the connection's future.
+pub(crate) struct Extra {
+    pub(crate) classify: Option<Classify>,
+    /// With an idle timeout: the request holds its connection until the future is dropped
+    /// (only its drop matters).
+    pub(crate) _hold: Option<Hold>,
 }
 
 /// What a response future needs to report a classified failure: 16 bytes, so the future stays
@@ -43,11 +72,11 @@ pub(crate) struct ClassifyCtx {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn new(inner: F, classify: Option<Classify>, hold: Option<Hold>) -> Self {
+    #[inline(always)]
+    pub(crate) fn new(inner: F, extra: Option<Box<Extra>>) -> Self {
         ResponseFuture {
             inner,
-            classify,
-            hold,
+            extra: Tail(extra),
         }
     }
 }
@@ -61,13 +90,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let output = ready!(this.inner.poll(cx));
-        drop(this.hold.take());
-        Poll::Ready(match output {
+        Poll::Ready(match ready!(this.inner.poll(cx)) {
             Ok(response) => Ok(response),
             Err(error) => {
                 let error: BoxError = error.into();
-                match this.classify.take() {
+                match this
+                    .extra
+                    .0
+                    .as_mut()
+                    .and_then(|extra| extra.classify.take())
+                {
                     Some(c) if (c.ctx.is_failure)(&*error) => {
                         let failure = Error::ConnectionFailed(SharedError::from(error));
                         c.ctx.core.report_failure(c.epoch, failure.clone());
@@ -83,7 +115,15 @@ where
 impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("classify", &self.classify.as_ref().map(|c| c.epoch))
+            .field(
+                "classify",
+                &self
+                    .extra
+                    .0
+                    .as_ref()
+                    .and_then(|e| e.classify.as_ref())
+                    .map(|c| c.epoch),
+            )
             .finish_non_exhaustive()
     }
 }

@@ -286,7 +286,9 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
     /// balanced channel go idle as a whole, as a gRPC channel does, put the idle timeout on a
     /// layer whose connection is the balancer (a `Buffer` around a `Balance`).
     ///
-    /// Costs two atomic read-modify-writes per request, and nothing when not set. The
+    /// Costs about 34 ns per request (two atomic read-modify-writes on the connection's hold
+    /// count, and a small allocation the response future owns: `cargo bench --bench
+    /// request_path`), and nothing when not set. The
     /// WebSocket client refuses it (`ws::SettingError::Unsupported`):
     /// its messages do not go through the [`Reconnect`] service.
     pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
@@ -316,6 +318,9 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
     /// Classifies response errors: those for which `is_failure` returns true are reported as a
     /// failure of the connection that served the request (rule 3 applies: a late error from an
     /// old connection is ignored).
+    ///
+    /// Each response future then carries what it needs to report (a small allocation, about
+    /// 22 ns per request: `cargo bench --bench request_path`).
     pub fn with_failure_predicate<F>(mut self, is_failure: F) -> Self
     where
         F: Fn(&(dyn std::error::Error + Send + Sync + 'static)) -> bool + Send + Sync + 'static,

@@ -12,7 +12,7 @@ use crate::epoch::Epoch;
 use crate::error::{BoxError, Error};
 use crate::handle::Handle;
 
-use super::future::{Classify, ClassifyCtx, ResponseFuture};
+use super::future::{Classify, ClassifyCtx, Extra, ResponseFuture};
 
 /// A predicate that classifies a response error as a failure of the connection.
 pub(crate) type IsFailure =
@@ -78,7 +78,6 @@ struct Cached<C> {
 impl<C> Cached<C> {
     /// Holds the connection for the request being reserved; false if the idle timeout
     /// claimed it (it is about to be released: do not use it).
-    #[inline]
     fn hold(&mut self) -> bool {
         match &self.activity {
             Some(activity) if self.hold.is_none() => {
@@ -170,9 +169,10 @@ where
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // The fast path, small enough to inline into the caller: the cached connection is still
-        // the installed one (one atomic load) and is ready. Everything else is out of line.
+        // the installed one (one atomic load), takes no hold (no idle timeout) and is ready.
+        // Everything else is out of line.
         if let Some(cached) = &mut self.conn {
-            if self.handle.core().is_installed(cached.epoch) && cached.hold() {
+            if self.handle.core().is_installed(cached.epoch) && cached.activity.is_none() {
                 let polled = cached.conn.poll_ready(cx);
                 if let Poll::Ready(Ok(())) = polled {
                     self.reserved.reserve();
@@ -191,13 +191,13 @@ where
             (true, Some(reserved)) => reserved,
             _ => not_ready(),
         };
-        let classify = self.classify.as_ref().map(|ctx| Classify {
-            epoch: cached.epoch,
-            ctx: Arc::clone(ctx),
-        });
-        // The response future holds the connection from here.
-        let hold = cached.hold.take();
-        ResponseFuture::new(cached.conn.call(req), classify, hold)
+        let extra = if self.classify.is_none() && cached.activity.is_none() {
+            None
+        } else {
+            // The response future holds the connection from here.
+            extra(cached.epoch, self.classify.as_ref(), cached.hold.take())
+        };
+        ResponseFuture::new(cached.conn.call(req), extra)
     }
 }
 
@@ -236,6 +236,24 @@ impl Reservation {
             true
         }
     }
+}
+
+/// What a response future carries with a failure predicate or an idle timeout.
+#[cold]
+#[inline(never)]
+fn extra(
+    epoch: Epoch,
+    classify: Option<&Arc<ClassifyCtx>>,
+    hold: Option<Hold>,
+) -> Option<Box<Extra>> {
+    let classify = classify.map(|ctx| Classify {
+        epoch,
+        ctx: Arc::clone(ctx),
+    });
+    Some(Box::new(Extra {
+        classify,
+        _hold: hold,
+    }))
 }
 
 #[cold]
