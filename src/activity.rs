@@ -5,7 +5,8 @@
 //!
 //! - the low bits count the *holds*: a service that reserved the connection in `poll_ready`
 //!   holds it until its `call`, and the response future from then until it completes;
-//! - `TOUCHED` says that a hold began or ended since the idle timer last looked;
+//! - `TOUCHED` says that a hold ended since the idle timer last looked (a hold that is still
+//!   on is seen by its count);
 //! - `CLAIMED` says that the idle timer took the connection: no hold can begin any more.
 //!
 //! The timer claims the connection only from the value 0 (no hold, not touched), with one
@@ -45,14 +46,7 @@ impl Activity {
             self.0.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        self.touch(before);
         Some(Hold(Arc::clone(self)))
-    }
-
-    fn touch(&self, before: u64) {
-        if before & TOUCHED == 0 {
-            self.0.fetch_or(TOUCHED, Ordering::AcqRel);
-        }
     }
 
     /// Whether the idle timer claimed the connection.

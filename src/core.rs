@@ -668,3 +668,49 @@ pub(crate) fn downcast<C: 'static>(conn: AnyConn) -> C {
         .downcast::<C>()
         .expect("the slot only ever holds the driver's connection type")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core with an idle timeout and a connection (a `u8`) installed at the returned epoch.
+    fn installed() -> (Arc<Core>, Epoch) {
+        let policy = Policy::default();
+        let core = Core::new(policy);
+        core.configure(policy, None, true);
+        let epoch = core.connect().unwrap();
+        assert!(core.attempt_starting(epoch));
+        assert!(core.opened(epoch, Box::new(7u8)));
+        (core, epoch)
+    }
+
+    fn checkout(core: &Core) -> Checkout<u8> {
+        let mut cx = Context::from_waker(Waker::noop());
+        core.checkout::<u8>(1, &mut cx, false).unwrap()
+    }
+
+    #[test]
+    fn the_idle_timer_of_another_epoch_claims_nothing() {
+        let (core, epoch) = installed();
+        let stale = Epoch::from_u64(epoch.get() - 1);
+        assert!(!core.idle_expired(stale), "nothing to look at again");
+        assert!(core.state().is_connected());
+        let Checkout::Installed(_, _, Some(activity)) = checkout(&core) else {
+            panic!("still installed, with its holds");
+        };
+        assert!(!activity.is_claimed());
+    }
+
+    /// Between the idle timer's claim and the release that follows it, a service that looks
+    /// waits for the release instead of checking out a connection it could not hold (and
+    /// looking again, in a loop, until the release).
+    #[test]
+    fn a_claimed_connection_is_not_checked_out() {
+        let (core, _) = installed();
+        let Checkout::Installed(_, _, Some(activity)) = checkout(&core) else {
+            panic!("installed, with its holds");
+        };
+        assert_eq!(activity.try_claim(), Idle::Claimed);
+        assert!(matches!(checkout(&core), Checkout::Wait));
+    }
+}

@@ -5,9 +5,28 @@
 //! its own [`ReconnectLayer`](crate::ReconnectLayer) application (so its own backoff and
 //! state), and [`EndpointChanges`] is its `tower::discover::Discover`: an endpoint is inserted
 //! into the balancer while it is connected and removed while it is not, driven by its state,
-//! so that one that comes back serves again. With an idle timeout, an endpoint closed as idle
-//! stays in the balancer, dormant, and the next request connects it again. Endpoints are added and removed at run time; a
-//! removed one is disconnected and closed.
+//! so that one that comes back serves again. Endpoints are added and removed at run time; a
+//! removed one is disconnected and closed. A *dormant* endpoint (of a lazy layer, or closed by
+//! its idle timeout) is in the balancer too, whose readiness connects it. (An endpoint the
+//! balancer holds ready is reserved, and does not go idle: see
+//! [`with_idle_timeout`](crate::ReconnectLayer::with_idle_timeout).)
+//!
+//! # Measured
+//!
+//! `tests/balance_loopback.rs` runs three backends on 127.0.0.1 behind tower's p2c `Balance`
+//! over this set, sequential requests, a backoff from 20 ms to 80 ms. In one run (`cargo test
+//! --test balance_loopback -- --nocapture`):
+//!
+//! | phase | requests to a, b, c | failed |
+//! |---|---|---|
+//! | all up | 73, 67, 60 | 0 |
+//! | b killed (its sockets dropped; its reconnects refused twice) | 101, 0, 99 | 0 (at most the one in flight on b) |
+//! | b restarted on its port | 72, 70, 58 | 0 |
+//!
+//! b was connected again 23.7 ms after it listened again, at the first attempt after the
+//! restart (its backoff timer's, with no failure in between), and served its first request
+//! 0.2 ms later. A removed endpoint's server-side socket was closed when `remove(..).await`
+//! returned (with a teardown that closes the connection for every copy).
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -245,13 +264,16 @@ struct Seen {
     inserted: Option<In>,
 }
 
-/// Why an endpoint is in the balancer.
+/// Why an endpoint is in the balancer, and since which epoch: every change of it is a fresh
+/// `Insert`, because the set cannot know whether the balancer dropped its clone at a failed
+/// `poll_ready` meanwhile (under `FailFast`, a dormant endpoint fails its first one while it
+/// connects). An `Insert` under a key the balancer has replaces its clone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum In {
     /// Connected with the connection of this epoch.
     Connected(Epoch),
-    /// Dormant: the balancer's `poll_ready` connects it.
-    Dormant,
+    /// Dormant since this epoch of its clock: the balancer's `poll_ready` connects it.
+    Dormant(Epoch),
 }
 
 type Watch<K> = Pin<Box<dyn Future<Output = Watched<K>> + Send>>;
@@ -339,27 +361,26 @@ where
             // Removed or replaced: this watch ends.
             return;
         };
-        let (connected, connecting) = match *states.borrow_and_update() {
-            State::Connected { epoch } => (Some(In::Connected(epoch)), false),
-            State::Connecting { .. } => (None, true),
-            _ => (None, false),
-        };
-        // Woken from dormant by the balancer: stays in while its first attempt runs.
-        let waking = connecting && seen.inserted == Some(In::Dormant);
+        let state = states.borrow_and_update().clone();
         let registry = lock(&self.shared.registry);
         let member = registry
             .members
             .get(&key)
             .filter(|m| m.generation == generation);
-        // Dormant (lazy, or closed as idle): in, so that the balancer's readiness wakes it.
-        let dormant = member.is_some_and(|m| m.service.handle_ref().connects_on_demand());
-        let now = connected.or((dormant || waking).then_some(In::Dormant));
+        let handle = member.map(|m| m.service.handle_ref());
+        let now = match state {
+            State::Connected { epoch } => Some(In::Connected(epoch)),
+            // Woken from dormant by the balancer: stays in while its attempt runs.
+            State::Connecting { .. } if matches!(seen.inserted, Some(In::Dormant(_))) => {
+                seen.inserted
+            }
+            // Dormant (lazy, or closed as idle): in, so that the balancer's readiness wakes it.
+            _ => handle
+                .filter(|h| h.connects_on_demand())
+                .map(|h| In::Dormant(h.epoch())),
+        };
         match (now, seen.inserted, member) {
-            // Already in, and the balancer may poll it to connect it.
-            (Some(In::Dormant), Some(_), _) => seen.inserted = now,
-            // Connected (again): a fresh clone, even if the balancer still has one, which it
-            // may have dropped at a failed `poll_ready` (under `FailFast`, a dormant endpoint
-            // fails its first one while it connects).
+            // In, or dormant, for a new reason or since a new epoch: a fresh clone.
             (Some(now), inserted, Some(member)) if inserted != Some(now) => {
                 seen.inserted = Some(now);
                 self.out

@@ -423,3 +423,81 @@ async fn an_endpoint_the_balancer_holds_ready_keeps_its_connection() {
     assert!(endpoints.handle(&"held").unwrap().state().is_connected());
     assert_eq!(unheld_handle.ledger().idled, 1);
 }
+
+/// A dormant `FailFast` endpoint the balancer dropped (its first `poll_ready` failed while it
+/// connected) that connected and was closed as idle again while nobody polled the balancer:
+/// dormant since a new epoch, it is inserted again (an earlier version thought it still in).
+#[tokio::test(start_paused = true)]
+async fn a_fail_fast_endpoint_dropped_by_the_balancer_and_idle_again_before_it_looked_is_inserted_again()
+ {
+    let (endpoints, changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    // The connect takes 100 ms: longer than the first look.
+    ledger.default_attempt(Attempt::Ok(Duration::from_millis(100)));
+    let layer = layer(&ledger)
+        .connect_on_demand()
+        .with_idle_timeout(Duration::from_secs(10))
+        .when_disconnected(WhenDisconnected::FailFast);
+    endpoints.insert("a", tower::Layer::layer(&layer, ledger.connector()));
+    let mut balance = Balance::new(PendingRequestsDiscover::new(
+        changes,
+        CompleteOnResponse::default(),
+    ));
+    // First request, given up after 10 ms: the balancer's poll_ready demanded the endpoint,
+    // got NotConnected, and dropped it.
+    let first = tokio::time::timeout(Duration::from_millis(10), balance.ready()).await;
+    assert!(first.is_err(), "still connecting");
+    // No request for a while: the endpoint connects, is never used, and goes idle.
+    for _ in 0..40 {
+        advance(Duration::from_secs(1)).await;
+    }
+    let handle = endpoints.handle(&"a").unwrap();
+    assert_eq!(handle.ledger().idled, 1, "{}", handle.state());
+    assert!(handle.connects_on_demand(), "dormant again");
+    // The next request: the endpoint is dormant in the set, so the balancer should be able to
+    // poll it (and connect it again).
+    let ready = tokio::time::timeout(Duration::from_secs(30), balance.ready()).await;
+    assert!(
+        ready.is_ok(),
+        "endpoint a is dormant in the set but the balancer no longer has it: every request stalls"
+    );
+    ready.unwrap().unwrap().call(1).await.unwrap();
+}
+
+/// The same without an idle timeout: a lazy endpoint whose connection the peer ended
+/// normally (dormant again) while nobody polled the balancer.
+#[tokio::test(start_paused = true)]
+async fn a_fail_fast_lazy_endpoint_dropped_by_the_balancer_and_ended_before_it_looked_is_inserted_again()
+ {
+    let (endpoints, changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    ledger.default_attempt(Attempt::Ok(Duration::from_millis(100)));
+    let layer = layer(&ledger)
+        .with_monitor(|conn: &Conn, _| conn.ended())
+        .connect_on_demand()
+        .when_disconnected(WhenDisconnected::FailFast);
+    endpoints.insert("a", tower::Layer::layer(&layer, ledger.connector()));
+    let mut balance = Balance::new(PendingRequestsDiscover::new(
+        changes,
+        CompleteOnResponse::default(),
+    ));
+    let first = tokio::time::timeout(Duration::from_millis(10), balance.ready()).await;
+    assert!(first.is_err(), "still connecting");
+    advance(Duration::from_secs(1)).await;
+    let handle = endpoints.handle(&"a").unwrap();
+    let (_, conn) = handle.connection::<Conn>().expect("connected");
+    // The server closes the unused keep-alive connection normally.
+    conn.end(false);
+    drop(conn);
+    advance(Duration::from_secs(1)).await;
+    assert!(
+        handle.connects_on_demand(),
+        "dormant again: {}",
+        handle.state()
+    );
+    let ready = tokio::time::timeout(Duration::from_secs(30), balance.ready()).await;
+    assert!(
+        ready.is_ok(),
+        "endpoint a is dormant in the set but the balancer no longer has it: every request stalls"
+    );
+}

@@ -250,10 +250,7 @@ fn extra(
         epoch,
         ctx: Arc::clone(ctx),
     });
-    Some(Box::new(Extra {
-        classify,
-        _hold: hold,
-    }))
+    Some(Box::new(Extra { classify, hold }))
 }
 
 #[cold]
