@@ -306,7 +306,7 @@ async fn run_loop<M, T, D, W>(
         if closes.as_ref().is_some_and(FuturesUnordered::is_empty) {
             closes = None;
         }
-        if attempts.is_empty() && attempts.capacity() > 0 {
+        if attempts.is_empty() {
             // An idle connection holds no attempt buffer (96 bytes).
             attempts = Vec::new();
         }

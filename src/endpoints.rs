@@ -326,9 +326,9 @@ where
                 generation,
                 inserted: None,
             };
+            // A key changes at most once between two looks (`changed` is a set): an endpoint
+            // under a seen key is a new one.
             match self.view.entry(key.clone()) {
-                // Seen already: the key was changed twice before we looked.
-                Entry::Occupied(seen) if seen.get().generation == generation => continue,
                 Entry::Occupied(mut seen) => {
                     let replaced = std::mem::replace(seen.get_mut(), fresh);
                     self.out

@@ -557,3 +557,75 @@ impl Machine {
         effects.push(Effect::ResetBackoff);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(lazy: bool) -> Machine {
+        let policy = Policy {
+            lazy,
+            ..Policy::default()
+        };
+        Machine::new(Arc::new(Clock::new()), policy)
+    }
+
+    fn step(machine: &mut Machine, event: Event) -> Reply {
+        machine.step(event, &mut Vec::new())
+    }
+
+    /// The core asks for a demand when its mirror of `dormant` says so; the machine looks again
+    /// under its lock, so that a `disconnect()` that won the race is not undone (rule 8).
+    #[test]
+    fn a_demand_acts_only_on_a_dormant_machine() {
+        let mut eager = machine(false);
+        assert!(matches!(
+            step(&mut eager, Event::Demand),
+            Reply::Took(false)
+        ));
+        assert!(matches!(eager.state(), State::Idle));
+
+        let mut lazy = machine(true);
+        assert!(lazy.is_dormant());
+        step(&mut lazy, Event::Disconnect);
+        assert!(!lazy.is_dormant());
+        assert!(matches!(step(&mut lazy, Event::Demand), Reply::Took(false)));
+        assert!(matches!(lazy.state(), State::Idle));
+
+        let mut lazy = machine(true);
+        assert!(matches!(step(&mut lazy, Event::Demand), Reply::Took(true)));
+        assert!(matches!(lazy.state(), State::Connecting { attempt: 1, .. }));
+        assert_eq!(lazy.ledger().demanded, 1);
+    }
+
+    /// The idle timer claims, then reports; a failure may release the connection in between.
+    /// The report of a connection no longer installed must not release anything (it would tick
+    /// the clock and cancel the retry).
+    #[test]
+    fn an_idle_timeout_of_a_connection_no_longer_installed_changes_nothing() {
+        let mut m = machine(false);
+        let Reply::Epoch(Ok(epoch)) = step(&mut m, Event::Connect) else {
+            panic!("connects");
+        };
+        step(&mut m, Event::AttemptStarting { epoch });
+        step(&mut m, Event::Opened { epoch });
+        let error = SharedError::new(std::io::Error::other("reset"));
+        step(
+            &mut m,
+            Event::Failed {
+                epoch,
+                error,
+                permanent: false,
+            },
+        );
+        assert!(matches!(m.state(), State::WaitingToRetry { .. }));
+        let now = m.now();
+        assert!(matches!(
+            step(&mut m, Event::IdleTimeout { epoch }),
+            Reply::Took(false)
+        ));
+        assert!(matches!(m.state(), State::WaitingToRetry { .. }));
+        assert_eq!((m.now(), m.ledger().idled), (now, 0));
+        assert!(!m.is_dormant());
+    }
+}

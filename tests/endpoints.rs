@@ -501,3 +501,40 @@ async fn a_fail_fast_lazy_endpoint_dropped_by_the_balancer_and_ended_before_it_l
         "endpoint a is dormant in the set but the balancer no longer has it: every request stalls"
     );
 }
+
+/// A dormant endpoint that the balancer's readiness woke stays in the balancer while it
+/// connects (its clone is the one waiting for the connection), and is inserted afresh once
+/// connected.
+#[tokio::test(start_paused = true)]
+async fn a_dormant_endpoint_woken_by_the_balancer_stays_in_while_it_connects() {
+    let (endpoints, mut changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    ledger.script([Attempt::Ok(Duration::from_millis(100))]);
+    let layer = layer(&ledger).connect_on_demand();
+    endpoints.insert("a", tower::Layer::layer(&layer, ledger.connector()));
+    assert!(!endpoints.is_empty());
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut clone = match changes.poll_next_unpin(&mut cx) {
+        Poll::Ready(Some(Ok(Change::Insert("a", clone)))) => clone,
+        _ => panic!("a dormant endpoint is in"),
+    };
+    // The balancer's readiness wakes it.
+    assert!(poll_ready_now(&mut clone).is_pending());
+    settle().await;
+    assert!(matches!(
+        endpoints.handle(&"a").unwrap().state(),
+        State::Connecting { .. }
+    ));
+    assert_eq!(
+        ready_changes(&mut changes),
+        vec![],
+        "stays in while it connects"
+    );
+    advance(Duration::from_millis(100)).await;
+    assert_eq!(
+        ready_changes(&mut changes),
+        vec![("+", "a")],
+        "connected: a fresh clone"
+    );
+    assert!(poll_ready_now(&mut clone).is_ready());
+}

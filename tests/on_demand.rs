@@ -432,3 +432,26 @@ async fn a_completed_response_future_kept_alive_releases_its_hold() {
         handle.state()
     );
 }
+
+/// A stale attempt's connection, discarded while a newer one is installed, closes only its own
+/// connection: the installed one keeps its idle timer and goes idle in time.
+#[tokio::test(start_paused = true)]
+async fn the_discard_of_a_stale_connection_keeps_the_idle_timer_of_the_installed_one() {
+    let ledger = Ledger::new();
+    ledger.script([
+        Attempt::Ok(Duration::from_millis(500)),
+        Attempt::Ok(Duration::ZERO),
+    ]);
+    let (_svc, handle) = start(&ledger, layer(&ledger).with_idle_timeout(IDLE));
+    handle.connect().unwrap();
+    settle().await;
+    drop(handle.disconnect());
+    handle.connect().unwrap(); // the second attempt, at once
+    settle().await;
+    assert!(handle.state().is_connected());
+    pass(Duration::from_millis(600)).await; // the first one completes, stale: discarded
+    assert_eq!(handle.ledger().discarded, 1);
+    pass(IDLE).await;
+    assert!(matches!(handle.state(), State::Idle), "{}", handle.state());
+    assert_eq!(handle.ledger().idled, 1);
+}
