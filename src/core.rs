@@ -239,8 +239,8 @@ impl Core {
             } = &mut *locked;
             let before = machine.state().clone();
             let was_dormant = machine.is_dormant();
-            // Under the lock: a reader that subscribed before this step sees it.
-            let hub = self.events.get().filter(|hub| hub.is_followed());
+            // Made at the first `events()`: until then, no transition is made.
+            let hub = self.events.get();
             let reply = machine.step(event, effects);
             let mut work = Vec::new();
             for effect in effects.drain(..) {

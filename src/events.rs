@@ -256,11 +256,6 @@ impl Hub {
         Events::new(self.tx.subscribe())
     }
 
-    /// Whether anyone reads: transitions are made only then.
-    pub(crate) fn is_followed(&self) -> bool {
-        self.tx.receiver_count() > 0
-    }
-
     /// Queues a transition; called under the machine's lock, so in step order.
     pub(crate) fn queue(&self, transition: Transition) {
         crate::core::lock(&self.pending).push(transition);

@@ -538,3 +538,48 @@ async fn a_dormant_endpoint_woken_by_the_balancer_stays_in_while_it_connects() {
     );
     assert!(poll_ready_now(&mut clone).is_ready());
 }
+
+/// An endpoint closed as idle enters the balancer dormant once, not again when its teardown
+/// completes (dormant since the same epoch).
+#[tokio::test(start_paused = true)]
+async fn an_idle_closed_endpoint_is_inserted_once_however_long_its_teardown() {
+    let (endpoints, mut changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    ledger.close_script([Close::After(Duration::from_secs(3))]);
+    let idle = layer(&ledger).with_idle_timeout(Duration::from_secs(10));
+    endpoints.insert("a", tower::Layer::layer(&idle, ledger.connector()));
+    settle().await;
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")]);
+    for _ in 0..11 {
+        advance(Duration::from_secs(1)).await;
+    }
+    let handle = endpoints.handle(&"a").unwrap();
+    assert!(matches!(handle.state(), State::Disconnecting { .. }));
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")], "dormant");
+    for _ in 0..4 {
+        advance(Duration::from_secs(1)).await;
+    }
+    assert!(matches!(handle.state(), State::Idle));
+    assert_eq!(
+        ready_changes(&mut changes),
+        vec![],
+        "still dormant since the same epoch"
+    );
+}
+
+/// A service that was polled ready before it was inserted holds its connection; the set's
+/// copy drops that reservation, so the endpoint still goes idle.
+#[tokio::test(start_paused = true)]
+async fn a_reserved_service_inserted_into_the_set_still_goes_idle() {
+    let (endpoints, _changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    let idle = layer(&ledger).with_idle_timeout(Duration::from_secs(10));
+    let mut service = tower::Layer::layer(&idle, ledger.connector());
+    service.handle().connect().unwrap();
+    ServiceExt::<u32>::ready(&mut service).await.unwrap();
+    endpoints.insert("a", service);
+    for _ in 0..30 {
+        advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(endpoints.handle(&"a").unwrap().ledger().idled, 1);
+}

@@ -140,6 +140,7 @@ async fn the_stream_ends_after_the_shutdown_and_does_not_keep_the_connection() {
     assert!(matches!(last.to, State::Shutdown), "{last}");
     assert_eq!(last.cause, Cause::DriverStopped);
     assert!(events.next().await.is_none(), "stays ended");
+    assert_eq!(format!("{events:?}"), "Events { ended: true, .. }");
     assert_eq!(ledger.closes(1), 1, "the connection was closed");
 }
 
@@ -151,6 +152,7 @@ async fn readers_that_subscribe_later_see_only_what_follows() {
     settle().await;
     let mut events = handle.events();
     assert!(drain(&mut events).is_empty());
+    assert_eq!(format!("{events:?}"), "Events { ended: false, .. }");
     handle.disconnect().await;
     settle().await;
     assert_eq!(
