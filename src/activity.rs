@@ -4,7 +4,7 @@
 //! response futures and the driver's idle timer:
 //!
 //! - the low bits count the *holds*: a service that reserved the connection in `poll_ready`
-//!   holds it until its `call`, and the response future from then until it completes;
+//!   holds it until its `call`, and the response future from then until it is dropped;
 //! - `TOUCHED` says that a hold ended since the idle timer last looked (a hold that is still
 //!   on is seen by its count);
 //! - `CLAIMED` says that the idle timer took the connection: no hold can begin any more.

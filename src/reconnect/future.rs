@@ -53,9 +53,10 @@ fn drop_extra(extra: Box<Extra>) {
 /// What a response future carries besides the connection's future.
 pub(crate) struct Extra {
     pub(crate) classify: Option<Classify>,
-    /// With an idle timeout: the request holds its connection until the future completes or
-    /// is dropped.
-    pub(crate) hold: Option<Hold>,
+    /// With an idle timeout: the request holds its connection until the future is dropped.
+    /// (Released at completion instead, the test it takes in `poll` made the plain path
+    /// 2.8 ns instead of 2.3.)
+    pub(crate) _hold: Option<Hold>,
 }
 
 /// What a response future needs to report a classified failure: 16 bytes, so the future stays
@@ -90,12 +91,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let output = ready!(this.inner.poll(cx));
-        if let Some(extra) = this.extra.0.as_mut() {
-            // Done with the connection: a completed future kept alive holds nothing.
-            extra.hold = None;
-        }
-        Poll::Ready(match output {
+        Poll::Ready(match ready!(this.inner.poll(cx)) {
             Ok(response) => Ok(response),
             Err(error) => {
                 let error: BoxError = error.into();

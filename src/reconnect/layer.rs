@@ -273,7 +273,8 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
     /// connects again on the next request (see [`connect_on_demand`](Self::connect_on_demand)).
     ///
     /// A request holds the connection from the `poll_ready` that reserved it until its
-    /// response future completes or is dropped. The connection is closed (with
+    /// response future is dropped (awaiting it drops it; a future kept after it completed, as
+    /// in a `select!` over `&mut future`, holds the connection until it goes). The connection is closed (with
     /// [`CloseCause::Idle`](crate::teardown::CloseCause::Idle), counted in
     /// [`Ledger::idled`](crate::Ledger::idled)) after between one and two `timeout`s without
     /// a hold: the timer looks every `timeout`, and closes at the first look that finds no hold

@@ -250,7 +250,10 @@ fn extra(
         epoch,
         ctx: Arc::clone(ctx),
     });
-    Some(Box::new(Extra { classify, hold }))
+    Some(Box::new(Extra {
+        classify,
+        _hold: hold,
+    }))
 }
 
 #[cold]
