@@ -154,8 +154,11 @@ fn applied() -> (impl Sized, Handle) {
     (service, handle)
 }
 
-fn connect((_, handle): &(impl Sized, Handle)) {
+/// [`applied`], its connection asked for.
+fn connected_app() -> (impl Sized, Handle) {
+    let (service, handle) = applied();
     handle.connect().expect("the driver runs");
+    (service, handle)
 }
 
 fn heap_layer(rt: &Runtime) -> f64 {
@@ -179,44 +182,27 @@ fn heap_spawned(rt: &Runtime) -> f64 {
 }
 
 fn heap_connected(rt: &Runtime) -> f64 {
-    held(
-        rt,
-        || {
-            let conn = applied();
-            connect(&conn);
-            conn
-        },
-        async |all| {
-            all_connected(all.iter().map(|(_, handle)| handle)).await;
-            settle().await;
-        },
-    )
+    held(rt, connected_app, async |all| {
+        all_connected(all.iter().map(|(_, handle)| handle)).await;
+        settle().await;
+    })
 }
 
 fn heap_stable(rt: &Runtime) -> f64 {
-    held(
-        rt,
-        || {
-            let conn = applied();
-            connect(&conn);
-            conn
-        },
-        async |all| {
-            all_connected(all.iter().map(|(_, handle)| handle)).await;
-            settle().await;
-            tokio::time::advance(PAST_STABLE).await;
-            settle().await;
-            all_connected(all.iter().map(|(_, handle)| handle)).await;
-        },
-    )
+    held(rt, connected_app, async |all| {
+        all_connected(all.iter().map(|(_, handle)| handle)).await;
+        settle().await;
+        tokio::time::advance(PAST_STABLE).await;
+        settle().await;
+        all_connected(all.iter().map(|(_, handle)| handle)).await;
+    })
 }
 
 fn heap_stable_subscribed(rt: &Runtime) -> f64 {
     held(
         rt,
         || {
-            let conn = applied();
-            connect(&conn);
+            let conn = connected_app();
             let states = conn.1.subscribe();
             (conn, states)
         },
