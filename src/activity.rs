@@ -151,6 +151,16 @@ mod tests {
     }
 
     #[test]
+    fn two_holds_ended_between_two_looks_count_as_a_touch() {
+        let activity = Arc::new(Activity::default());
+        let (a, b) = (activity.hold().unwrap(), activity.hold().unwrap());
+        drop(a);
+        drop(b); // touched already: stays touched
+        assert_eq!(activity.try_claim(), Idle::Busy);
+        assert_eq!(activity.try_claim(), Idle::Claimed);
+    }
+
+    #[test]
     fn holds_count_up_and_down() {
         let activity = Arc::new(Activity::default());
         let holds: Vec<_> = (0..3).map(|_| activity.hold().expect("held")).collect();

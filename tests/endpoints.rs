@@ -572,3 +572,31 @@ async fn a_reserved_service_inserted_into_the_set_still_goes_idle() {
     }
     assert_eq!(endpoints.handle(&"a").unwrap().ledger().idled, 1);
 }
+
+/// An endpoint that reconnects at once after a normal end (`NormalEnd::Reconnect`, an HTTP/2
+/// GOAWAY) goes from connected straight to connecting: it leaves the balancer while it
+/// connects, so that requests go to the others, and comes back once connected.
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_reconnecting_after_a_normal_end_leaves_while_it_connects() {
+    let (endpoints, mut changes) = Endpoints::new();
+    let ledger = Ledger::new();
+    let layer = layer(&ledger)
+        .on_normal_end(tower_epoch::NormalEnd::Reconnect)
+        .with_monitor(|conn: &Conn, _| conn.ended());
+    endpoints.insert("a", tower::Layer::layer(&layer, ledger.connector()));
+    settle().await;
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")]);
+    advance(Duration::from_secs(2)).await; // past the stable period
+    ledger.script([Attempt::Ok(Duration::from_millis(100))]);
+    let handle = endpoints.handle(&"a").unwrap();
+    handle.connection::<Conn>().unwrap().1.end(false);
+    settle().await;
+    assert!(
+        matches!(handle.state(), State::Connecting { .. }),
+        "{}",
+        handle.state()
+    );
+    assert_eq!(ready_changes(&mut changes), vec![("-", "a")]);
+    advance(Duration::from_millis(100)).await;
+    assert_eq!(ready_changes(&mut changes), vec![("+", "a")]);
+}
