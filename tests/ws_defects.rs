@@ -3,6 +3,7 @@
 //! (`tests/adversary`). Each of them failed on the client before the single-writer rewrite.
 //!
 //! These talk over real sockets, so they run in real time; every wait is bounded.
+#![cfg(feature = "ws")]
 
 mod adversary;
 

@@ -24,6 +24,7 @@
 //!
 //! CI runs 256 cases from a fixed seed; more with `TOWER_EPOCH_DELIVERY_CASES=1000`, another seed
 //! with `TOWER_EPOCH_DELIVERY_SEED=7`.
+#![cfg(feature = "ws")]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;

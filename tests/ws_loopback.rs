@@ -3,6 +3,7 @@
 //! queue bound, faults of a misbehaving server, and bad input.
 //!
 //! These talk over real sockets, so they run in real time; every wait is bounded.
+#![cfg(feature = "ws")]
 
 mod ws_support;
 

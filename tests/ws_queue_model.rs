@@ -12,6 +12,7 @@
 //!
 //! CI runs 2,000 cases from a fixed seed. More: `TOWER_EPOCH_QUEUE_CASES=100000 cargo test
 //! --release --test ws_queue_model`; another seed: `TOWER_EPOCH_QUEUE_SEED=7`.
+#![cfg(feature = "ws")]
 
 use std::collections::HashMap;
 use std::future::Future;
