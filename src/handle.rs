@@ -125,6 +125,22 @@ impl Handle {
     /// before its first request or after a normal end by the peer, or after an
     /// [idle timeout](crate::ReconnectLayer::with_idle_timeout). False after a `disconnect()`
     /// or a `suspend()`, and in every other state.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower::{Layer, service_fn};
+    /// use tower_epoch::ReconnectLayer;
+    ///
+    /// let connector = service_fn(|()| async {
+    ///     Ok::<_, std::io::Error>(service_fn(|x: u8| async move { Ok::<_, std::io::Error>(x) }))
+    /// });
+    /// let service = ReconnectLayer::new(()).connect_on_demand().layer(connector);
+    /// let handle = service.handle();
+    /// assert!(handle.connects_on_demand()); // never used: the first request connects
+    /// handle.disconnect().await;
+    /// assert!(!handle.connects_on_demand()); // disconnected by intent (rule 8)
+    /// # }
+    /// ```
     pub fn connects_on_demand(&self) -> bool {
         self.core.is_dormant()
     }

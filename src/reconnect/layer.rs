@@ -287,6 +287,29 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
     /// balanced channel go idle as a whole, as a gRPC channel does, put the idle timeout on a
     /// layer whose connection is the balancer (a `Buffer` around a `Balance`).
     ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// use std::time::Duration;
+    /// use tower::{Layer, Service, ServiceExt, service_fn};
+    /// use tower_epoch::ReconnectLayer;
+    ///
+    /// let connector = service_fn(|()| async {
+    ///     Ok::<_, std::io::Error>(service_fn(|x: u8| async move { Ok::<_, std::io::Error>(x) }))
+    /// });
+    /// let mut service = ReconnectLayer::new(())
+    ///     .with_idle_timeout(Duration::from_secs(60))
+    ///     .layer(connector);
+    /// let handle = service.handle();
+    /// handle.connect().unwrap();
+    /// service.ready().await.unwrap().call(1).await.unwrap();
+    ///
+    /// tokio::time::sleep(Duration::from_secs(121)).await; // no request for two timeouts
+    /// assert!(handle.connects_on_demand()); // closed as idle, dormant
+    /// service.ready().await.unwrap().call(2).await.unwrap(); // connected again
+    /// assert_eq!(handle.ledger().idled, 1);
+    /// # }
+    /// ```
+    ///
     /// Costs about 34 ns per request (two atomic read-modify-writes on the connection's hold
     /// count, and a small allocation the response future owns: `cargo bench --bench
     /// request_path`), and nothing when not set. The
