@@ -67,8 +67,10 @@ pub struct Endpoint {
     pub port: u16,
 }
 
-/// Checks a request's URL: scheme `ws` or `wss`, a non-empty host, a port in `1..=65535`, and
-/// TLS support compiled in for `wss`.
+/// Checks a request's URL as RFC 6455 (section 3) and RFC 3986 say: scheme `ws` or `wss`, in
+/// any case; a non-empty host, a bracketed IP literal being an IPv6 address; no user info; a
+/// port of digits only, in `1..=65535` (empty or absent: 80 or 443); and TLS support compiled
+/// in for `wss`.
 ///
 /// tungstenite alone maps an out-of-range port such as `ws://h:99999` to port 80; this check
 /// rejects it with [`WsError::PortOutOfRange`].
@@ -90,28 +92,48 @@ pub fn endpoint<R: IntoClientRequest + Clone>(request: &R) -> Result<Endpoint, W
 
 pub(crate) fn endpoint_of(request: &Request) -> Result<Endpoint, WsError> {
     let uri = request.uri();
+    // RFC 3986 3.1: schemes are case-insensitive.
     let secure = match uri.scheme_str() {
-        Some("ws") => false,
-        Some("wss") => true,
+        Some(s) if s.eq_ignore_ascii_case("ws") => false,
+        Some(s) if s.eq_ignore_ascii_case("wss") => true,
         other => return Err(WsError::UnsupportedScheme(other.unwrap_or("").to_string())),
     };
+    let invalid = |why: &str| Err(WsError::InvalidUrl(format!("{why} in {uri}")));
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
-    // Drop user info; what is left is `host[:port]`, the host possibly a bracketed IPv6.
-    let host_port = authority.rsplit('@').next().unwrap_or("");
-    let (host, port) = match host_port.strip_prefix('[') {
+    // RFC 6455 3: a ws URI is `host [":" port]`, no user info (which would otherwise be sent
+    // nowhere, or taken for the host by a careless split).
+    if authority.contains('@') {
+        return invalid("user info is not allowed");
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        // RFC 3986 3.2.2: an IP literal is an IPv6 address in brackets (IPvFuture names no
+        // address one can connect to).
         Some(rest) => match rest.split_once(']') {
-            Some((v6, tail)) => (format!("[{v6}]"), tail.strip_prefix(':')),
-            None => return Err(WsError::InvalidUrl(format!("unclosed IPv6 host in {uri}"))),
+            Some((v6, tail)) => {
+                if v6.parse::<std::net::Ipv6Addr>().is_err() {
+                    return invalid("not an IPv6 address in brackets");
+                }
+                let port = match tail {
+                    "" => None,
+                    _ => match tail.strip_prefix(':') {
+                        Some(port) => Some(port),
+                        None => return invalid("text after the IPv6 host"),
+                    },
+                };
+                (format!("[{v6}]"), port)
+            }
+            None => return invalid("unclosed IPv6 host"),
         },
-        None => match host_port.rsplit_once(':') {
+        None => match authority.split_once(':') {
             Some((host, port)) => (host.to_string(), Some(port)),
-            None => (host_port.to_string(), None),
+            None => (authority.to_string(), None),
         },
     };
-    if host.is_empty() || host == "[]" {
+    if host.is_empty() {
         return Err(WsError::EmptyHost);
     }
     let port = match port {
+        // RFC 3986 3.2.3: an empty port is the scheme's default.
         None | Some("") => {
             if secure {
                 443
@@ -119,10 +141,13 @@ pub(crate) fn endpoint_of(request: &Request) -> Result<Endpoint, WsError> {
                 80
             }
         }
-        Some(digits) => match digits.parse::<u64>() {
+        // RFC 3986 3.2.3: `port = *DIGIT`, so no sign, no space (which `u64::from_str`
+        // would take: `+80`).
+        Some(digits) if digits.bytes().all(|b| b.is_ascii_digit()) => match digits.parse::<u64>() {
             Ok(port @ 1..=65535) => port as u16,
             _ => return Err(WsError::PortOutOfRange(digits.to_string())),
         },
+        Some(_) => return invalid("a port of other than digits"),
     };
     if secure && !cfg!(feature = "tls") {
         return Err(WsError::TlsUnavailable);
@@ -276,5 +301,98 @@ impl Service<Request> for WsConnector {
 
     fn call(&mut self, request: Request) -> Self::Future {
         self.connect(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `endpoint` says of a URL, in short: `host port secure` or the error's kind.
+    fn check(url: &str) -> String {
+        match endpoint(&url) {
+            Ok(e) => format!(
+                "{} {} {}",
+                e.host,
+                e.port,
+                if e.secure { "wss" } else { "ws" }
+            ),
+            Err(WsError::InvalidUrl(_)) => "invalid".into(),
+            Err(WsError::UnsupportedScheme(s)) => format!("scheme {s}"),
+            Err(WsError::EmptyHost) => "empty host".into(),
+            Err(WsError::PortOutOfRange(p)) => format!("port {p}"),
+            Err(WsError::TlsUnavailable) => "no tls".into(),
+            Err(other) => format!("other: {other}"),
+        }
+    }
+
+    /// RFC 6455 section 3 (the ws URI) and RFC 3986 (scheme, host, port) case by case.
+    #[test]
+    fn urls_are_checked_as_the_rfcs_say() {
+        let wss = |ok: &str| {
+            if cfg!(feature = "tls") {
+                ok.to_string()
+            } else {
+                "no tls".into()
+            }
+        };
+        let cases: Vec<(&str, String)> = vec![
+            ("ws://example.com/", "example.com 80 ws".into()),
+            ("ws://example.com", "example.com 80 ws".into()),
+            (
+                "ws://example.com:8080/chat?x=1",
+                "example.com 8080 ws".into(),
+            ),
+            ("wss://example.com/", wss("example.com 443 wss")),
+            ("wss://example.com:8443/", wss("example.com 8443 wss")),
+            // Schemes are case-insensitive (RFC 3986 3.1).
+            ("WS://example.com/", "example.com 80 ws".into()),
+            ("Ws://example.com/", "example.com 80 ws".into()),
+            ("WSS://example.com/", wss("example.com 443 wss")),
+            ("wSs://example.com/", wss("example.com 443 wss")),
+            // Other schemes.
+            ("http://example.com/", "scheme http".into()),
+            ("https://example.com/", "scheme https".into()),
+            ("ftp://example.com/", "scheme ftp".into()),
+            ("wsx://example.com/", "scheme wsx".into()),
+            // Ports: digits only, 1 to 65535; empty means the default (RFC 3986 3.2.3).
+            ("ws://h:1/", "h 1 ws".into()),
+            ("ws://h:65535/", "h 65535 ws".into()),
+            ("ws://h:0080/", "h 80 ws".into()),
+            ("ws://h:/", "h 80 ws".into()),
+            ("ws://h:0/", "port 0".into()),
+            ("ws://h:65536/", "port 65536".into()),
+            ("ws://h:99999/", "port 99999".into()),
+            (
+                "ws://h:99999999999999999999999/",
+                "port 99999999999999999999999".into(),
+            ),
+            ("ws://h:+80/", "invalid".into()),
+            ("ws://h:-80/", "invalid".into()),
+            ("ws://h:8o/", "invalid".into()),
+            ("ws://h:80:81/", "invalid".into()),
+            // Hosts.
+            ("ws://127.0.0.1:9001/", "127.0.0.1 9001 ws".into()),
+            ("ws://[::1]/", "[::1] 80 ws".into()),
+            ("ws://[::1]:9001/", "[::1] 9001 ws".into()),
+            ("ws://[2001:db8::7]:1/", "[2001:db8::7] 1 ws".into()),
+            ("ws://[::1/", "invalid".into()),
+            ("ws://[]/", "invalid".into()),
+            ("ws://[not-v6]/", "invalid".into()),
+            ("ws://[v1.fe]/", "invalid".into()),
+            ("ws://[::1]x/", "invalid".into()),
+            ("ws://:80/", "empty host".into()),
+            // No user info in a ws URI (RFC 6455 3): not taken for the host, not dropped.
+            ("ws://user@h/", "invalid".into()),
+            ("ws://user:pass@h:80/", "invalid".into()),
+            ("ws://h:80@evil.example/", "invalid".into()),
+            // Not URLs at all.
+            ("not a url", "invalid".into()),
+            ("ws:///path", "invalid".into()),
+        ];
+        assert!(cases.len() >= 30);
+        for (url, expected) in cases {
+            assert_eq!(check(url), expected, "{url}");
+        }
     }
 }
