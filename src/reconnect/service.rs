@@ -195,7 +195,11 @@ where
             None
         } else {
             // The response future holds the connection from here.
-            extra(cached.epoch, self.classify.as_ref(), cached.hold.take())
+            Some(extra(
+                cached.epoch,
+                self.classify.as_ref(),
+                cached.hold.take(),
+            ))
         };
         ResponseFuture::new(cached.conn.call(req), extra)
     }
@@ -241,19 +245,15 @@ impl Reservation {
 /// What a response future carries with a failure predicate or an idle timeout.
 #[cold]
 #[inline(never)]
-fn extra(
-    epoch: Epoch,
-    classify: Option<&Arc<ClassifyCtx>>,
-    hold: Option<Hold>,
-) -> Option<Box<Extra>> {
+fn extra(epoch: Epoch, classify: Option<&Arc<ClassifyCtx>>, hold: Option<Hold>) -> Box<Extra> {
     let classify = classify.map(|ctx| Classify {
         epoch,
         ctx: Arc::clone(ctx),
     });
-    Some(Box::new(Extra {
+    Box::new(Extra {
         classify,
         _hold: hold,
-    }))
+    })
 }
 
 #[cold]
