@@ -1,33 +1,15 @@
-//! The epoch core: an [`Epoch`] newtype, the [`Clock`] that hands them out, and the captured
+//! The epoch core: an [`Epoch`] newtype, the clock that hands them out, and the captured
 //! [`Stamp`] that answers "is my epoch still current?" with one atomic load.
 //!
-//! This module depends on neither tower nor tokio: it is the `connectClock` technique of the
-//! Phoenix JavaScript client as a small, reusable guard. Any asynchronous effect that may outlive
-//! the intent it was started for (a connect attempt, a teardown, a backoff timer, a failure report)
-//! captures a [`Stamp`] when it starts and checks it before it touches shared state.
-//!
-//! ```
-//! use std::sync::Arc;
-//! use tower_epoch::epoch::Clock;
-//!
-//! # futures_executor_block_on(async {
-//! let clock = Arc::new(Clock::new());
-//! let stamp = clock.stamp();
-//! // Something starts work for the current epoch...
-//! let work = stamp.guard(async { "a connection" });
-//! // ...and the intent changes while it runs.
-//! clock.tick();
-//! let stale = work.await.unwrap_err();
-//! assert_eq!(stale.into_inner(), "a connection"); // hand it to teardown, never install it
-//! # });
-//! # fn futures_executor_block_on<F: std::future::Future>(f: F) -> F::Output {
-//! #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
-//! # }
-//! ```
+//! This is the `connectClock` technique of the Phoenix JavaScript client: any asynchronous
+//! effect that may outlive the intent it was started for (a connect attempt, a teardown, a
+//! backoff timer, a failure report) captures the epoch when it starts and checks it before it
+//! touches shared state. The crate's own effects do this; [`Handle::stamp`](crate::Handle::stamp)
+//! gives user code the same check.
 //!
 //! # Memory ordering
 //!
-//! [`Clock::tick`] is a `fetch_add` with `AcqRel` ordering and [`Clock::now`] (and therefore
+//! A tick is a `fetch_add` with `AcqRel` ordering and a read (and therefore
 //! [`Stamp::is_current`]) is a load with `Acquire` ordering. Whatever a thread wrote before it
 //! ticked the clock (the new intent, the released slot) is visible to any thread that observes
 //! the new epoch. On x86-64 and AArch64 an `Acquire` load compiles to a plain load (`mov`/`ldar`),
@@ -37,16 +19,13 @@
 //! over five centuries to wrap, so wrap-around is not handled.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 
-/// A value of a [`Clock`]: the generation of intent a deferred effect belongs to.
+/// A value of a connection's clock: the generation of intent a deferred effect belongs to.
 ///
 /// Epochs are `Copy + Eq + Ord`. Epoch 0 is the clock's starting value, before any intent; every
-/// epoch handed out by [`Clock::tick`] is at least 1. Like tokio's private `watch::Version`, an
+/// epoch a tick hands out is at least 1. Like tokio's private `watch::Version`, an
 /// epoch is only meaningful when compared with values of the same clock.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Epoch(u64);
@@ -83,13 +62,13 @@ impl fmt::Display for Epoch {
 /// It ticks on every intent change and every new transport attempt. Reading it is one atomic
 /// load; see the [module docs](self) for the memory ordering.
 #[derive(Default)]
-pub struct Clock {
+pub(crate) struct Clock {
     now: AtomicU64,
 }
 
 impl Clock {
     /// A clock at [`Epoch::ZERO`].
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Clock {
             now: AtomicU64::new(0),
         }
@@ -97,7 +76,7 @@ impl Clock {
 
     /// The current epoch (`Acquire` load).
     #[inline]
-    pub fn now(&self) -> Epoch {
+    pub(crate) fn now(&self) -> Epoch {
         Epoch(self.now.load(Ordering::Acquire))
     }
 
@@ -105,18 +84,18 @@ impl Clock {
     ///
     /// Every effect captured at an earlier epoch is stale from this point on.
     #[inline]
-    pub fn tick(&self) -> Epoch {
+    pub(crate) fn tick(&self) -> Epoch {
         Epoch(self.now.fetch_add(1, Ordering::AcqRel) + 1)
     }
 
     /// Whether `epoch` is still the current epoch.
     #[inline]
-    pub fn is_current(&self, epoch: Epoch) -> bool {
+    pub(crate) fn is_current(&self, epoch: Epoch) -> bool {
         self.now.load(Ordering::Acquire) == epoch.0
     }
 
     /// Captures the current epoch in a [`Stamp`] that can travel with a deferred effect.
-    pub fn stamp(self: &Arc<Self>) -> Stamp {
+    pub(crate) fn stamp(self: &Arc<Self>) -> Stamp {
         Stamp {
             epoch: self.now(),
             clock: Arc::clone(self),
@@ -130,9 +109,29 @@ impl fmt::Debug for Clock {
     }
 }
 
-/// An epoch captured from a [`Clock`], carried by a deferred effect.
+/// An epoch captured from a connection's clock, carried by a deferred effect: taken with
+/// [`Handle::stamp`](crate::Handle::stamp), it answers whether anything happened to the
+/// connection since (a connect, a disconnect, a reconnect attempt, a suspend).
 ///
 /// [`Stamp::is_current`] is one `Acquire` load and one comparison.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use tower::service_fn;
+/// use tower_epoch::ReconnectLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_epoch::Error> {
+/// let layer = ReconnectLayer::new(());
+/// let handle = layer.handle();
+/// let _svc = tower::Layer::layer(&layer, service_fn(|()| async { Ok::<_, Infallible>(()) }));
+///
+/// // Work of your own for the current connection, say a slow cache warm-up...
+/// let stamp = handle.stamp();
+/// handle.connect()?; // ...and the intent changes while it runs:
+/// assert!(!stamp.is_current(), "its result belongs to an older epoch: do not apply it");
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Stamp {
     clock: Arc<Clock>,
@@ -150,18 +149,6 @@ impl Stamp {
     pub fn is_current(&self) -> bool {
         self.clock.is_current(self.epoch)
     }
-
-    /// Runs `future`, then reports whether the epoch went stale while it ran.
-    ///
-    /// The check happens once, when `future` completes: its output is returned as `Ok` if the
-    /// clock still reads the captured epoch and as `Err(Stale)` otherwise. The output is never
-    /// dropped: a stale connection must still be handed to teardown.
-    pub fn guard<F: Future>(self, future: F) -> Guarded<F> {
-        Guarded {
-            future,
-            stamp: self,
-        }
-    }
 }
 
 impl fmt::Debug for Stamp {
@@ -172,83 +159,6 @@ impl fmt::Debug for Stamp {
             .finish()
     }
 }
-
-pin_project_lite::pin_project! {
-    /// Future returned by [`Stamp::guard`].
-    #[must_use = "futures do nothing unless polled"]
-    #[derive(Debug)]
-    pub struct Guarded<F> {
-        #[pin]
-        future: F,
-        stamp: Stamp,
-    }
-}
-
-impl<F: Future> Future for Guarded<F> {
-    type Output = Result<F::Output, Stale<F::Output>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let value = std::task::ready!(this.future.poll(cx));
-        let now = this.stamp.clock.now();
-        Poll::Ready(if now == this.stamp.epoch {
-            Ok(value)
-        } else {
-            Err(Stale {
-                value,
-                epoch: this.stamp.epoch,
-                now,
-            })
-        })
-    }
-}
-
-/// The output of an effect whose epoch went stale while it ran.
-///
-/// It still owns the value: a stale connection must be closed, not dropped on the floor.
-pub struct Stale<T> {
-    value: T,
-    epoch: Epoch,
-    now: Epoch,
-}
-
-impl<T> Stale<T> {
-    /// The epoch the effect started in.
-    pub fn epoch(&self) -> Epoch {
-        self.epoch
-    }
-
-    /// The clock's value when the effect completed.
-    pub fn now(&self) -> Epoch {
-        self.now
-    }
-
-    /// Takes the value back.
-    pub fn into_inner(self) -> T {
-        self.value
-    }
-}
-
-impl<T> fmt::Debug for Stale<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Stale")
-            .field("epoch", &self.epoch)
-            .field("now", &self.now)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<T> fmt::Display for Stale<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "effect of epoch {} went stale (clock at {})",
-            self.epoch, self.now
-        )
-    }
-}
-
-impl<T> std::error::Error for Stale<T> {}
 
 #[cfg(test)]
 mod tests {
@@ -272,26 +182,5 @@ mod tests {
             format!("{stamp:?}"),
             "Stamp { epoch: Epoch(0), now: Epoch(1) }"
         );
-    }
-
-    #[tokio::test]
-    async fn a_guarded_effect_keeps_its_value_whether_current_or_stale() {
-        let clock = Arc::new(Clock::new());
-        assert_eq!(clock.stamp().guard(async { 5 }).await.ok(), Some(5));
-        clock.tick();
-        let stamp = clock.stamp();
-        clock.tick();
-        let stale = stamp.guard(async { "conn" }).await.unwrap_err();
-        let (e1, e2) = (Epoch::from_u64(1), Epoch::from_u64(2));
-        assert_eq!((stale.epoch(), stale.now()), (e1, e2));
-        assert_eq!(
-            format!("{stale:?}"),
-            "Stale { epoch: Epoch(1), now: Epoch(2), .. }"
-        );
-        assert_eq!(
-            stale.to_string(),
-            "effect of epoch e1 went stale (clock at e2)"
-        );
-        assert_eq!(stale.into_inner(), "conn");
     }
 }

@@ -103,7 +103,7 @@ impl Handle {
         self.core.clock.now()
     }
 
-    /// Captures the current epoch, to guard an effect of your own (see [`crate::epoch`]): the
+    /// Captures the current epoch, to guard an effect of your own (see [`Stamp`]): the
     /// stamp stays current until the next tick of this connection's clock, which only the
     /// connection's own operations advance.
     pub fn stamp(&self) -> Stamp {

@@ -144,6 +144,8 @@
 mod activity;
 mod core;
 mod driver;
+mod epoch;
+mod error;
 mod handle;
 mod machine;
 mod reconnect;
@@ -151,8 +153,6 @@ mod state;
 
 pub mod backoff;
 pub mod endpoints;
-pub mod epoch;
-pub mod error;
 pub mod events;
 pub mod teardown;
 #[cfg(feature = "ws")]
@@ -161,7 +161,7 @@ pub mod ws;
 
 pub use crate::core::ResumeToken;
 pub use driver::Driver;
-pub use epoch::Epoch;
+pub use epoch::{Epoch, Stamp};
 pub use error::{BoxError, Error, SharedError};
 pub use handle::{DisconnectFuture, Handle};
 pub use machine::NormalEnd;

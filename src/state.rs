@@ -163,6 +163,8 @@ impl fmt::Display for State {
 ///
 /// At quiescence (no attempt, timer or teardown in flight) the books balance:
 /// `opened == installed + discarded` and `closed == opened - (1 if a connection is installed)`.
+/// At any moment, `opened - closed`, less one while a connection is installed, is the number of
+/// connections still closing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Ledger {
@@ -193,15 +195,6 @@ pub struct Ledger {
     pub idled: u64,
     /// Attempts started by a request on a dormant connection (lazy, or closed as idle).
     pub demanded: u64,
-}
-
-impl Ledger {
-    /// Teardowns in flight: connections opened and no longer installed, not yet closed.
-    pub fn closing(&self, installed_now: bool) -> u64 {
-        self.opened
-            .saturating_sub(self.closed)
-            .saturating_sub(u64::from(installed_now))
-    }
 }
 
 #[cfg(test)]
@@ -267,17 +260,5 @@ mod tests {
                 matches!(state, State::Connected { .. })
             );
         }
-    }
-
-    #[test]
-    fn closing_counts_the_teardowns_in_flight() {
-        let ledger = Ledger {
-            opened: 5,
-            closed: 2,
-            ..Ledger::default()
-        };
-        assert_eq!(ledger.closing(false), 3);
-        assert_eq!(ledger.closing(true), 2);
-        assert_eq!(Ledger::default().closing(true), 0, "never below zero");
     }
 }
