@@ -46,7 +46,7 @@
 //!
 //! Two more groups, `memory/awaited` and `memory/pipelined`, run the same loops over an
 //! in-memory stream that answers the WebSocket handshake and then takes every write at once,
-//! counting the bytes (the client reaches it through a custom [`Dial`]). With no kernel and no
+//! counting the bytes (the client reaches it through a custom transport). With no kernel and no
 //! peer, they measure the CPU each side spends per message, which the loopback figures mix with
 //! the scheduler's and the server's timing; after each sample the stream must have taken
 //! exactly the bytes of the frames sent.
@@ -86,9 +86,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::{Builder, Runtime};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tower_epoch::ws::{
-    BoxFuture, BoxIo, Dial, Incoming, Message, WsClient, WsClientBuilder, WsConnector,
-};
+use tokio_tungstenite::tungstenite::http::Uri;
+use tower_epoch::ws::{Incoming, Message, WsClient, WsClientBuilder, WsConnector};
 
 /// The payload: 32 bytes of text.
 const PAYLOAD: &str = "0123456789abcdef0123456789abcdef";
@@ -509,15 +508,10 @@ impl AsyncWrite for Memory {
     }
 }
 
-/// Dials a fresh [`Memory`] stream counting into the same counter.
-struct MemoryDial(Arc<AtomicU64>);
+/// A byte stream behind one box and vtable, as the client's own stream is.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 
-impl Dial for MemoryDial {
-    fn dial(&self, _host: &str, _port: u16) -> BoxFuture<std::io::Result<BoxIo>> {
-        let written = Arc::clone(&self.0);
-        Box::pin(async move { Ok(Box::new(Memory::new(written)) as BoxIo) })
-    }
-}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// Checks that a memory side's stream took exactly the frames of the messages sent.
 fn took(written: &AtomicU64, sent: u64, side: &str) {
@@ -554,7 +548,7 @@ impl Taken {
 }
 
 /// The memory setting: raw over a [`Memory`] stream, and a client connected to another.
-fn memory_sides(rt: &Runtime) -> (WebSocketStream<BoxIo>, WsClient, Incoming, Taken) {
+fn memory_sides(rt: &Runtime) -> (WebSocketStream<Box<dyn Io>>, WsClient, Incoming, Taken) {
     let taken = Taken {
         raw: Arc::new(AtomicU64::new(0)),
         client: Arc::new(AtomicU64::new(0)),
@@ -562,16 +556,20 @@ fn memory_sides(rt: &Runtime) -> (WebSocketStream<BoxIo>, WsClient, Incoming, Ta
         client_sent: 0,
     };
     let raw = rt.block_on(async {
-        let io = Box::new(Memory::new(Arc::clone(&taken.raw))) as BoxIo;
+        let io = Box::new(Memory::new(Arc::clone(&taken.raw))) as Box<dyn Io>;
         let (ws, _) = tokio_tungstenite::client_async("ws://memory/raw", io)
             .await
             .expect("upgrade");
         ws
     });
-    let dial = MemoryDial(Arc::clone(&taken.client));
+    // A fresh `Memory` stream for each connection, counting into the same counter.
+    let written = Arc::clone(&taken.client);
+    let transport = tower::service_fn(move |_: Uri| {
+        std::future::ready(Ok::<_, std::io::Error>(Memory::new(Arc::clone(&written))))
+    });
     let builder = WsClient::builder("ws://memory/client")
         .expect("a good URL")
-        .connector(WsConnector::new().with_dial(dial));
+        .connector(WsConnector::new().with_transport(transport));
     let (client, incoming) = connected(rt, builder);
     (raw, client, incoming, taken)
 }

@@ -5,7 +5,7 @@
 //! suspend/resume, a consumer of `Incoming` that pauses) with what each connection's peer does
 //! (stops reading for a while, drops the socket, closes with 1000 or 1001, acknowledges ahead,
 //! behind or twice, sends messages of its own). The connections are in-memory streams with a
-//! small buffer (writes block and get cut mid-batch), dialled through the connector's `Dial`.
+//! small buffer (writes block and get cut mid-batch), opened by the connector's transport.
 //! At the end a well-behaved peer takes over, the client flushes and disconnects, and:
 //!
 //! 1. every message accepted reached the peer, or was given back; without at-least-once, a
@@ -41,10 +41,11 @@ use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tower_epoch::backoff::Schedule;
-use tower_epoch::ws::{BoxFuture, BoxIo, Dial, SendError, WsClient, WsConnector};
+use tower_epoch::ws::{SendError, WsClient, WsConnector};
 
 const MS: Duration = Duration::from_millis(1);
 /// The in-memory streams' buffer: small, so that writes block and batches get cut.
@@ -224,8 +225,9 @@ async fn session(n: usize, stream: DuplexStream, script: Script, record: Arc<Mut
     let _ = writer.await;
 }
 
-/// Dials in memory, hands the other end to the peer, counts the client ends still open.
-struct MemoryDial {
+/// A transport in memory: hands the other end to the peer, counts the client ends still open.
+#[derive(Clone)]
+struct MemoryTransport {
     accepted: mpsc::UnboundedSender<DuplexStream>,
     open: Arc<AtomicUsize>,
 }
@@ -269,8 +271,16 @@ impl AsyncWrite for Counted {
     }
 }
 
-impl Dial for MemoryDial {
-    fn dial(&self, _host: &str, _port: u16) -> BoxFuture<io::Result<BoxIo>> {
+impl tower::Service<Uri> for MemoryTransport {
+    type Response = Counted;
+    type Error = io::Error;
+    type Future = std::future::Ready<io::Result<Counted>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
         let (ours, theirs) = tokio::io::duplex(PIPE);
         let sent = self.accepted.send(theirs);
         self.open.fetch_add(1, Ordering::SeqCst);
@@ -278,9 +288,9 @@ impl Dial for MemoryDial {
             io: ours,
             open: Arc::clone(&self.open),
         };
-        Box::pin(async move {
-            sent.map_err(|_| io::Error::from(io::ErrorKind::ConnectionRefused))?;
-            Ok(Box::new(io) as BoxIo)
+        std::future::ready(match sent {
+            Ok(()) => Ok(io),
+            Err(_) => Err(io::Error::from(io::ErrorKind::ConnectionRefused)),
         })
     }
 }
@@ -384,13 +394,13 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
     let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
     let open = Arc::new(AtomicUsize::new(0));
     let peer = peer(accepted_rx, case.scripts.clone(), Arc::clone(&record));
-    let dial = MemoryDial {
+    let transport = MemoryTransport {
         accepted: accepted_tx,
         open: Arc::clone(&open),
     };
     let mut builder = WsClient::builder("ws://peer.invalid/socket")
         .unwrap()
-        .connector(WsConnector::new().with_dial(dial))
+        .connector(WsConnector::new().with_transport(transport))
         .queue_capacity(case.capacity)
         .incoming_capacity(2)
         .heartbeat(500 * MS, 500 * MS)

@@ -59,8 +59,9 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep, timeout};
+use tokio_tungstenite::tungstenite::http::Uri;
 use tower_epoch::backoff::Schedule;
-use tower_epoch::ws::{BoxFuture, BoxIo, Dial, Incoming, Message, WsClient, WsConnector};
+use tower_epoch::ws::{Incoming, Message, WsClient, WsConnector};
 use tower_epoch::{Epoch, Handle, State};
 
 const PORT: u16 = 9000;
@@ -311,26 +312,6 @@ struct ClientSummary {
 // ---------------------------------------------------------------------------------------------
 // The hosts.
 
-/// Dials through turmoil's simulated TCP, counting the streams the client holds open.
-///
-/// (turmoil's own `established_tcp_stream_count` also counts the sockets of failed and
-/// timed-out `connect`s, which it never removes, so it cannot tell what the client holds.)
-struct SimDial {
-    open: Arc<AtomicUsize>,
-}
-
-impl Dial for SimDial {
-    fn dial(&self, host: &str, port: u16) -> BoxFuture<io::Result<BoxIo>> {
-        let host = host.to_string();
-        let open = Arc::clone(&self.open);
-        Box::pin(async move {
-            let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
-            open.fetch_add(1, Ordering::SeqCst);
-            Ok(Box::new(Counted { stream, open }) as BoxIo)
-        })
-    }
-}
-
 /// A client stream, counted while it exists.
 struct Counted {
     stream: turmoil::net::TcpStream,
@@ -434,10 +415,22 @@ fn new_client_with(
     at_least_once: bool,
 ) -> SimResult<(WsClient, Incoming, Arc<AtomicUsize>)> {
     let open = Arc::new(AtomicUsize::new(0));
+    // The transport: turmoil's simulated TCP, counting the streams the client holds open.
+    // (turmoil's own `established_tcp_stream_count` also counts the sockets of failed and
+    // timed-out `connect`s, which it never removes, so it cannot tell what the client holds.)
+    let counted = Arc::clone(&open);
+    let transport = tower::service_fn(move |uri: Uri| {
+        let open = Arc::clone(&counted);
+        async move {
+            let host = uri.host().unwrap_or_default().to_string();
+            let port = uri.port_u16().unwrap_or_default();
+            let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
+            open.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, io::Error>(Counted { stream, open })
+        }
+    });
     let builder = WsClient::builder(URL)?
-        .connector(WsConnector::new().with_dial(SimDial {
-            open: Arc::clone(&open),
-        }))
+        .connector(WsConnector::new().with_transport(transport))
         .heartbeat(HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT);
     let builder = if heartbeat {
         builder

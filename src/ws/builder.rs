@@ -4,20 +4,24 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tower::ServiceExt;
 use tower::retry::backoff::{Backoff, MakeBackoff};
+use tower_service::Service;
 
+use crate::BoxError;
 use crate::backoff::Exponential;
 
 use super::client::WsClient;
 use super::close::close;
 use super::conn::WsConn;
-use super::connector::{WsConnector, endpoint_of};
+use super::connector::{BoxTransport, WsConnector, endpoint_of};
 use super::error::{SettingError, WsError};
 use super::incoming::Incoming;
 use super::monitor::Monitor;
@@ -75,7 +79,7 @@ type Configure = Box<
 /// overflowing heartbeat is a [`WsError::Setting`] there, never a panic later.
 pub struct WsClientBuilder<B = Exponential> {
     pub(super) request: Arc<dyn Fn() -> Request + Send + Sync>,
-    pub(super) connector: WsConnector,
+    pub(super) connector: WsConnector<BoxTransport>,
     pub(super) backoff: B,
     pub(super) incoming_capacity: usize,
     pub(super) settings: Settings,
@@ -120,7 +124,7 @@ impl WsClientBuilder {
     pub(super) fn new(request: Arc<dyn Fn() -> Request + Send + Sync>) -> WsClientBuilder {
         WsClientBuilder {
             request,
-            connector: WsConnector::new(),
+            connector: WsConnector::new().boxed(),
             backoff: crate::backoff::default_backoff(),
             incoming_capacity: 1024,
             settings: Settings::default(),
@@ -130,10 +134,16 @@ impl WsClientBuilder {
 }
 
 impl<B> WsClientBuilder<B> {
-    /// The connector (a custom [`Dial`](super::Dial), TLS settings, protocol limits and
-    /// buffer sizes).
-    pub fn connector(mut self, connector: WsConnector) -> Self {
-        self.connector = connector;
+    /// The connector: its transport ([`WsConnector::with_transport`]), TLS settings, protocol
+    /// limits and buffer sizes.
+    pub fn connector<T>(mut self, connector: WsConnector<T>) -> Self
+    where
+        T: Service<Uri> + Clone + Send + Sync + 'static,
+        T::Response: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        T::Error: Into<BoxError>,
+        T::Future: Send + 'static,
+    {
+        self.connector = connector.boxed();
         self
     }
 

@@ -106,7 +106,7 @@ mod tests {
 
     use super::*;
     use crate::epoch::{Clock, Epoch};
-    use crate::ws::BoxIo;
+    use crate::ws::ByteStream;
     use crate::ws::builder::Settings;
     use crate::ws::monitor::Monitor;
     use crate::ws::writer::Wire;
@@ -129,7 +129,7 @@ mod tests {
         };
         let shared = Arc::new(Shared::new(settings, Arc::clone(&clock)));
         let (ours, theirs) = tokio::io::duplex(1 << 16);
-        let ours = WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, None);
+        let ours = WebSocketStream::from_raw_socket(ByteStream::new(ours), Role::Client, None);
         let peer = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
         let (incoming, rx) = tokio::sync::mpsc::channel(1);
         let wire = Wire::new(ours.await, Arc::clone(&shared), incoming);

@@ -2,69 +2,29 @@
 
 use std::fmt;
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tower_service::Service;
 
 use super::error::WsError;
-
-/// A byte stream a WebSocket runs over: TCP, TLS over TCP, or anything a [`Dial`] returns.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
-
-/// A boxed [`Io`].
-pub type BoxIo = Box<dyn Io>;
-
-/// The WebSocket stream [`WsConnector`] produces.
-pub type WsStream = WebSocketStream<BoxIo>;
-
-/// A boxed, sendable future.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// Opens the byte stream to `host:port`. The default, [`TcpDial`], uses tokio's `TcpStream`;
-/// tests plug in a simulated network here.
-pub trait Dial: Send + Sync + 'static {
-    /// Opens a stream to `host:port`.
-    fn dial(&self, host: &str, port: u16) -> BoxFuture<io::Result<BoxIo>>;
-}
-
-/// Dials with tokio's `TcpStream`, with `TCP_NODELAY` set (WebSocket frames are small).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TcpDial;
-
-impl Dial for TcpDial {
-    fn dial(&self, host: &str, port: u16) -> BoxFuture<io::Result<BoxIo>> {
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        Box::pin(async move {
-            let stream = TcpStream::connect((host.as_str(), port)).await?;
-            stream.set_nodelay(true)?;
-            Ok(Box::new(stream) as BoxIo)
-        })
-    }
-}
+use super::transport::{ByteStream, TcpConnector};
+use crate::BoxError;
 
 /// Where a WebSocket connection goes, checked before any socket is opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// `true` for `wss`.
-    pub secure: bool,
+    pub(crate) secure: bool,
     /// The host, as written in the URL (IPv6 addresses keep their brackets).
-    pub host: String,
+    pub(crate) host: String,
     /// The port: explicit, or 80/443 by scheme.
-    pub port: u16,
+    pub(crate) port: u16,
 }
 
 /// Checks a request's URL as RFC 6455 (section 3) and RFC 3986 say: scheme `ws` or `wss`, in
@@ -74,22 +34,6 @@ pub struct Endpoint {
 ///
 /// tungstenite alone maps an out-of-range port such as `ws://h:99999` to port 80; this check
 /// rejects it with [`WsError::PortOutOfRange`].
-///
-/// ```
-/// use tower_epoch::ws::{WsError, endpoint};
-///
-/// assert!(endpoint(&"ws://127.0.0.1:9001/socket").is_ok());
-/// assert!(matches!(endpoint(&"http://127.0.0.1/"), Err(WsError::UnsupportedScheme(_))));
-/// assert!(matches!(endpoint(&"ws://h:99999/"), Err(WsError::PortOutOfRange(_))));
-/// ```
-pub fn endpoint<R: IntoClientRequest + Clone>(request: &R) -> Result<Endpoint, WsError> {
-    let request = request
-        .clone()
-        .into_client_request()
-        .map_err(|e| WsError::InvalidUrl(e.to_string()))?;
-    endpoint_of(&request)
-}
-
 pub(crate) fn endpoint_of(request: &Request) -> Result<Endpoint, WsError> {
     let uri = request.uri();
     // RFC 3986 3.1: schemes are case-insensitive.
@@ -157,13 +101,19 @@ pub(crate) fn endpoint_of(request: &Request) -> Result<Endpoint, WsError> {
 
 /// A tower service that opens WebSocket connections: `Service<Request>` (an `http` request
 /// whose headers, such as an auth token, are sent with the upgrade), answering a
-/// [`WsStream`].
+/// `WebSocketStream` over a [`ByteStream`].
 ///
-/// Each call validates the request with [`endpoint`] before any socket is opened, dials with
-/// its [`Dial`], wraps `wss` in TLS (feature `tls`), and performs the upgrade. A rejected
-/// upgrade (a 503, say) is [`WsError::Rejected`] with the status, a malformed answer
-/// [`WsError::Handshake`]: typed failures that go through the layer's backoff. The whole call
-/// is bounded by the layer's connect timeout.
+/// Each call checks the request's URL as RFC 6455 and RFC 3986 say before any socket is opened:
+/// scheme `ws` or `wss` in any case, a non-empty host (an IPv6 address in brackets), no user
+/// info, a port of digits in `1..=65535`, and the `tls` feature for `wss`. tungstenite alone
+/// would take `ws://h:99999` for port 80; here it is [`WsError::PortOutOfRange`]. Then the
+/// connector opens the byte stream with its transport, wraps `wss` in TLS (feature `tls`), and
+/// performs the upgrade. A rejected upgrade (a 503, say) is [`WsError::Rejected`] with the
+/// status, a malformed answer [`WsError::Handshake`]: typed failures that go through the
+/// layer's backoff. The whole call is bounded by the layer's connect timeout.
+///
+/// The transport is any `Service<Uri>` answering a tokio byte stream, [`TcpConnector`] by
+/// default: see [`with_transport`](Self::with_transport).
 ///
 /// ```
 /// use tower::{Service, ServiceExt};
@@ -185,18 +135,22 @@ pub(crate) fn endpoint_of(request: &Request) -> Result<Endpoint, WsError> {
 /// let stream = connector.ready().await?.call(request).await?;
 /// # drop(stream);
 ///
-/// // Bad input is refused before any socket is opened.
-/// let request = "ws://127.0.0.1:99999/".into_client_request()?;
-/// let error = connector.ready().await?.call(request).await.err().unwrap();
-/// assert!(matches!(error, WsError::PortOutOfRange(port) if port == "99999"));
+/// // Bad input is refused before any socket is opened, with a typed error.
+/// let mut refused = async |url: &str| {
+///     let request = url.into_client_request().unwrap();
+///     connector.ready().await.unwrap().call(request).await.err().unwrap()
+/// };
+/// assert!(matches!(refused("ws://127.0.0.1:99999/").await, WsError::PortOutOfRange(p) if p == "99999"));
+/// assert!(matches!(refused("http://127.0.0.1/").await, WsError::UnsupportedScheme(s) if s == "http"));
+/// assert!(matches!(refused("ws://user@127.0.0.1/").await, WsError::InvalidUrl(_)));
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
-pub struct WsConnector {
-    dial: Arc<dyn Dial>,
+pub struct WsConnector<T = TcpConnector> {
+    transport: T,
     config: WebSocketConfig,
     #[cfg(feature = "tls")]
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Default for WsConnector {
@@ -205,7 +159,7 @@ impl Default for WsConnector {
     }
 }
 
-impl fmt::Debug for WsConnector {
+impl<T> fmt::Debug for WsConnector<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WsConnector")
             .field("config", &self.config)
@@ -227,23 +181,57 @@ impl WsConnector {
     /// [`with_config`](Self::with_config) (`WebSocketConfig::read_buffer_size`).
     pub fn new() -> Self {
         WsConnector {
-            dial: Arc::new(TcpDial),
+            transport: TcpConnector,
             config: WebSocketConfig::default().read_buffer_size(READ_BUFFER),
             #[cfg(feature = "tls")]
             tls: None,
         }
     }
+}
 
-    /// Opens byte streams with `dial` instead of TCP.
-    pub fn with_dial(mut self, dial: impl Dial) -> Self {
-        self.dial = Arc::new(dial);
-        self
+impl<T> WsConnector<T> {
+    /// Opens byte streams with `transport` instead of TCP: a proxy, a Unix socket, an
+    /// in-memory pipe in tests.
+    ///
+    /// The transport is a `Service<Uri>` whose response is a tokio `AsyncRead + AsyncWrite`
+    /// stream, as hyper-util's connectors are. It is called with the checked URL's scheme (in
+    /// lower case) and authority, the port always given, and the path `/`:
+    /// `WS://example.com/chat` dials `ws://example.com:80/`. Its errors, of `poll_ready` or of
+    /// the call, are [`WsError::Io`].
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use tower::{Service, ServiceExt, service_fn};
+    /// use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::Uri};
+    /// use tower_epoch::ws::WsConnector;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// // An in-memory server: each connection is one end of a pipe.
+    /// let memory = service_fn(|uri: Uri| async move {
+    ///     assert_eq!(uri, "ws://chat.example:80/");
+    ///     let (ours, theirs) = tokio::io::duplex(4096);
+    ///     tokio::spawn(tokio_tungstenite::accept_async(theirs));
+    ///     Ok::<_, Infallible>(ours)
+    /// });
+    /// let mut connector = WsConnector::new().with_transport(memory);
+    /// let request = "ws://chat.example/room".into_client_request()?;
+    /// let _stream = connector.ready().await?.call(request).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_transport<U>(self, transport: U) -> WsConnector<U> {
+        WsConnector {
+            transport,
+            config: self.config,
+            #[cfg(feature = "tls")]
+            tls: self.tls,
+        }
     }
 
     /// tungstenite's protocol settings (message and frame size limits, write and read
     /// buffers). They replace the whole configuration, the 4 KiB read buffer of
-    /// [`new`](Self::new) included: set `read_buffer_size` too where memory per connection
-    /// matters.
+    /// [`new`](WsConnector::new) included: set `read_buffer_size` too where memory per
+    /// connection matters.
     pub fn with_config(mut self, config: WebSocketConfig) -> Self {
         self.config = config;
         self
@@ -256,30 +244,92 @@ impl WsConnector {
     /// The rustls client configuration for `wss` (default: the webpki roots).
     #[cfg(feature = "tls")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+    pub fn with_tls(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Self {
         self.tls = Some(config);
         self
     }
+}
 
-    fn connect(&self, request: Request) -> BoxFuture<Result<WsStream, WsError>> {
+/// A transport of any type, as the client's builder keeps it.
+pub(crate) type BoxTransport = tower::util::BoxCloneSyncService<Uri, ByteStream, BoxError>;
+
+impl<T> WsConnector<T>
+where
+    T: Service<Uri> + Clone + Send + Sync + 'static,
+    T::Response: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    T::Error: Into<BoxError>,
+    T::Future: Send + 'static,
+{
+    /// The same connector with its transport's type erased.
+    pub(crate) fn boxed(self) -> WsConnector<BoxTransport> {
+        use tower::ServiceExt;
+        let transport = self.transport.clone();
+        let transport = transport.map_response(ByteStream::new).map_err(Into::into);
+        self.with_transport(tower::util::BoxCloneSyncService::new(transport))
+    }
+}
+
+/// The WebSocket stream [`WsConnector`] produces.
+pub(crate) type WsStream = WebSocketStream<ByteStream>;
+
+/// The future of [`WsConnector`]'s call.
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<WsStream, WsError>> + Send>>;
+
+/// A transport's error, as the connector reports it.
+fn io_error(error: impl Into<BoxError>) -> WsError {
+    WsError::Io(match error.into().downcast::<std::io::Error>() {
+        Ok(io) => *io,
+        Err(other) => std::io::Error::other(other),
+    })
+}
+
+/// The URI the transport is called with: the endpoint's scheme and authority, nothing else.
+fn transport_uri(endpoint: &Endpoint) -> Result<Uri, WsError> {
+    let scheme = if endpoint.secure { "wss" } else { "ws" };
+    Uri::builder()
+        .scheme(scheme)
+        .authority(format!("{}:{}", endpoint.host, endpoint.port))
+        .path_and_query("/")
+        .build()
+        .map_err(|e| WsError::InvalidUrl(e.to_string()))
+}
+
+impl<T> Service<Request> for WsConnector<T>
+where
+    T: Service<Uri>,
+    T::Response: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    T::Error: Into<BoxError>,
+    T::Future: Send + 'static,
+{
+    type Response = WebSocketStream<ByteStream>;
+    type Error = WsError;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<WebSocketStream<ByteStream>, WsError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        self.transport.poll_ready(cx).map_err(io_error)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let fail = |error| -> ConnectFuture { Box::pin(std::future::ready(Err(error))) };
         let endpoint = match endpoint_of(&request) {
             Ok(endpoint) => endpoint,
-            Err(error) => return Box::pin(std::future::ready(Err(error))),
+            Err(error) => return fail(error),
         };
-        let dial = Arc::clone(&self.dial);
-        let config = self.config;
+        let uri = match transport_uri(&endpoint) {
+            Ok(uri) => uri,
+            Err(error) => return fail(error),
+        };
         #[cfg(feature = "tls")]
-        let tls = self.tls.clone();
+        let tls = endpoint.secure.then(|| (endpoint.host, self.tls.clone()));
+        let opening = self.transport.call(uri);
+        let config = self.config;
         Box::pin(async move {
-            let io = dial
-                .dial(&endpoint.host, endpoint.port)
-                .await
-                .map_err(WsError::Io)?;
+            let io = ByteStream::new(opening.await.map_err(io_error)?);
             #[cfg(feature = "tls")]
-            let io = if endpoint.secure {
-                super::tls::wrap(io, &endpoint.host, tls).await?
-            } else {
-                io
+            let io = match tls {
+                Some((host, config)) => super::tls::wrap(io, &host, config).await?,
+                None => io,
             };
             let (stream, _response) =
                 tokio_tungstenite::client_async_with_config(request, io, Some(config))
@@ -290,27 +340,18 @@ impl WsConnector {
     }
 }
 
-impl Service<Request> for WsConnector {
-    type Response = WsStream;
-    type Error = WsError;
-    type Future = BoxFuture<Result<WsStream, WsError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
-        self.connect(request)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-    /// What `endpoint` says of a URL, in short: `host port secure` or the error's kind.
+    /// What the check says of a URL, in short: `host port secure` or the error's kind.
     fn check(url: &str) -> String {
-        match endpoint(&url) {
+        let checked = url
+            .into_client_request()
+            .map_err(|e| WsError::InvalidUrl(e.to_string()))
+            .and_then(|request| endpoint_of(&request));
+        match checked {
             Ok(e) => format!(
                 "{} {} {}",
                 e.host,
@@ -394,5 +435,98 @@ mod tests {
         for (url, expected) in cases {
             assert_eq!(check(url), expected, "{url}");
         }
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+
+    /// A transport that records the URIs it is called with and fails each call with `error`.
+    fn recording(
+        error: fn() -> BoxError,
+    ) -> (
+        Arc<Mutex<Vec<String>>>,
+        impl Service<Uri, Response = tokio::io::DuplexStream, Error = BoxError, Future: Send + 'static>
+        + Clone,
+    ) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        let transport = service_fn(move |uri: Uri| {
+            log.lock().unwrap().push(uri.to_string());
+            std::future::ready(Err(error()))
+        });
+        (seen, transport)
+    }
+
+    async fn connect<T>(connector: &mut WsConnector<T>, url: &str) -> WsError
+    where
+        WsConnector<T>: Service<Request, Response = WsStream, Error = WsError>,
+    {
+        let request = url.into_client_request().unwrap();
+        connector
+            .ready()
+            .await
+            .unwrap()
+            .call(request)
+            .await
+            .err()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_transport_gets_the_scheme_and_authority_with_the_port() {
+        let (seen, transport) = recording(|| "no network here".into());
+        let mut connector = WsConnector::new().with_transport(transport);
+        for url in [
+            "WS://Example.com/chat?room=1",
+            "ws://[::1]:9001/x",
+            "ws://h:0080/",
+        ] {
+            let error = connect(&mut connector, url).await;
+            assert!(matches!(&error, WsError::Io(e) if e.to_string() == "no network here"));
+        }
+        // A refused URL never reaches the transport.
+        connect(&mut connector, "ws://h:99999/").await;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["ws://Example.com:80/", "ws://[::1]:9001/", "ws://h:80/"]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_io_error_of_the_transport_keeps_its_kind() {
+        let (_, transport) =
+            recording(|| std::io::Error::from(std::io::ErrorKind::TimedOut).into());
+        let mut connector = WsConnector::new().with_transport(transport);
+        let error = connect(&mut connector, "ws://h/").await;
+        assert!(matches!(&error, WsError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut));
+    }
+
+    #[tokio::test]
+    async fn the_transports_readiness_is_the_connectors() {
+        #[derive(Clone)]
+        struct NotReady;
+        impl Service<Uri> for NotReady {
+            type Response = tokio::io::DuplexStream;
+            type Error = std::io::Error;
+            type Future = std::future::Pending<std::io::Result<tokio::io::DuplexStream>>;
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+                Poll::Ready(Err(std::io::ErrorKind::AddrNotAvailable.into()))
+            }
+            fn call(&mut self, _: Uri) -> Self::Future {
+                std::future::pending()
+            }
+        }
+        let mut connector = WsConnector::new().with_transport(NotReady);
+        let error = connector.ready().await.err().unwrap();
+        assert!(
+            matches!(&error, WsError::Io(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable)
+        );
     }
 }

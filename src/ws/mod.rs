@@ -2,8 +2,9 @@
 //! Phoenix-style client on the reconnect layer.
 //!
 //! - [`WsConnector`] is a `tower::Service<Request>` that opens WebSocket connections. It checks
-//!   the URL before any socket is opened ([`endpoint`]), so `ws://h:99999` is
-//!   [`WsError::PortOutOfRange`] rather than a connection to port 80.
+//!   the URL before any socket is opened, so `ws://h:99999` is [`WsError::PortOutOfRange`]
+//!   rather than a connection to port 80, and opens the byte stream with a transport of your
+//!   choice ([`TcpConnector`] by default).
 //! - [`WsClient`] manages one logical WebSocket connection with [`ReconnectLayer`]: an
 //!   outbound queue that survives disconnects, incoming messages tagged with their epoch,
 //!   heartbeats, graceful close, and optional at-least-once delivery. [`WsSink`] is the same
@@ -81,13 +82,12 @@ mod shared;
 mod sink;
 #[cfg(feature = "tls")]
 mod tls;
+mod transport;
 mod writer;
 
 pub use builder::{WhenFull, WsClientBuilder};
 pub use client::WsClient;
-pub use connector::{
-    BoxFuture, BoxIo, Dial, Endpoint, Io, TcpDial, WsConnector, WsStream, endpoint,
-};
+pub use connector::WsConnector;
 pub use error::{SendError, SettingError, WsError};
 pub use future::{Permit, SendFuture};
 pub use incoming::{Incoming, Received};
@@ -95,3 +95,4 @@ pub use outbox::Stats;
 pub use sink::WsSink;
 pub use tokio_tungstenite::tungstenite::Message;
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+pub use transport::{ByteStream, TcpConnector};

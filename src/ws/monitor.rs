@@ -236,7 +236,7 @@ mod tests {
 
     use super::*;
     use crate::epoch::Clock;
-    use crate::ws::BoxIo;
+    use crate::ws::ByteStream;
     use crate::ws::builder::Settings;
     use crate::ws::writer::Wire;
 
@@ -296,7 +296,7 @@ mod tests {
         };
         let shared = Arc::new(Shared::new(settings, clock));
         let (ours, theirs) = tokio::io::duplex(1 << 16);
-        let ours = WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, None);
+        let ours = WebSocketStream::from_raw_socket(ByteStream::new(ours), Role::Client, None);
         let mut peer = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
         let (incoming, _rx) = tokio::sync::mpsc::channel(1);
         let conn = WsConn::new(Wire::new(ours.await, Arc::clone(&shared), incoming));

@@ -6,8 +6,8 @@ use std::sync::{Arc, OnceLock};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 
-use super::connector::BoxIo;
 use super::error::WsError;
+use super::transport::ByteStream;
 
 /// The default client configuration: the webpki roots, ring, TLS 1.2 and 1.3.
 fn default_config() -> Arc<ClientConfig> {
@@ -28,10 +28,10 @@ fn default_config() -> Arc<ClientConfig> {
 
 /// Runs the TLS handshake for `host` over `io`.
 pub(crate) async fn wrap(
-    io: BoxIo,
+    io: ByteStream,
     host: &str,
     config: Option<Arc<ClientConfig>>,
-) -> Result<BoxIo, WsError> {
+) -> Result<ByteStream, WsError> {
     let host = host
         .trim_start_matches('[')
         .trim_end_matches(']')
@@ -40,5 +40,5 @@ pub(crate) async fn wrap(
         .map_err(|e| WsError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     let connector = tokio_rustls::TlsConnector::from(config.unwrap_or_else(default_config));
     let stream = connector.connect(name, io).await.map_err(WsError::Tls)?;
-    Ok(Box::new(stream))
+    Ok(ByteStream::new(stream))
 }

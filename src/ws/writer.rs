@@ -289,7 +289,7 @@ mod tests {
 
     use super::*;
     use crate::epoch::Clock;
-    use crate::ws::BoxIo;
+    use crate::ws::ByteStream;
     use crate::ws::builder::Settings;
 
     async fn pair(
@@ -298,7 +298,7 @@ mod tests {
     ) -> (WsStream, WebSocketStream<tokio::io::DuplexStream>) {
         let (ours, theirs) = tokio::io::duplex(pipe);
         let ours =
-            WebSocketStream::from_raw_socket(Box::new(ours) as BoxIo, Role::Client, Some(config));
+            WebSocketStream::from_raw_socket(ByteStream::new(ours), Role::Client, Some(config));
         let theirs = WebSocketStream::from_raw_socket(theirs, Role::Server, None);
         (ours.await, theirs.await)
     }

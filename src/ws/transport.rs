@@ -1,0 +1,193 @@
+//! The byte stream under a WebSocket: [`TcpConnector`], the default transport, and
+//! [`ByteStream`], whatever transport it came from.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::http::Uri;
+use tower_service::Service;
+
+/// A transport's stream, as the connector keeps it.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// The byte stream a WebSocket connection runs over: the stream its transport opened (TCP by
+/// default, see [`WsConnector::with_transport`](super::WsConnector::with_transport)), inside
+/// TLS for `wss`.
+///
+/// It is one type whatever the transport and the features, so that
+/// [`WsConnector`](super::WsConnector)'s response type does not change when a dependency turns
+/// on `tls`.
+pub struct ByteStream(Box<dyn Io>);
+
+impl ByteStream {
+    pub(crate) fn new(io: impl AsyncRead + AsyncWrite + Send + Unpin + 'static) -> ByteStream {
+        ByteStream(Box::new(io))
+    }
+}
+
+impl std::fmt::Debug for ByteStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ByteStream").finish_non_exhaustive()
+    }
+}
+
+impl AsyncRead for ByteStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ByteStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+/// The default transport of [`WsConnector`](super::WsConnector): a `Service<Uri>` that opens a
+/// TCP stream to the URI's host and port, with `TCP_NODELAY` set (WebSocket frames are small).
+///
+/// The port is the URI's, or 80 for `ws` and `http`, 443 for `wss` and `https` (the connector
+/// always gives it one). A URI without a host, or without a port and with another scheme, is an
+/// [`io::ErrorKind::InvalidInput`] error.
+///
+/// Write a transport of your own as a `Service<Uri>` whose response is a tokio
+/// `AsyncRead + AsyncWrite` stream (a proxy, a Unix socket, an in-memory pipe); wrapping this
+/// one with tower's combinators (`map_request`, `map_response`) is often enough.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpConnector;
+
+type TcpFuture = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
+
+impl Service<Uri> for TcpConnector {
+    type Response = TcpStream;
+    type Error = io::Error;
+    type Future = TcpFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let target = host_and_port(&uri);
+        Box::pin(async move {
+            let (host, port) = target?;
+            let stream = TcpStream::connect((host.as_str(), port)).await?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    }
+}
+
+/// Where a URI says to connect: its host without IPv6 brackets, and its port or its scheme's.
+fn host_and_port(uri: &Uri) -> io::Result<(String, u16)> {
+    let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{why}: {uri}"));
+    let host = match uri.host() {
+        Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']'),
+        _ => return Err(invalid("no host")),
+    };
+    let port = match uri.port_u16() {
+        Some(port) => port,
+        None => match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+            Some("ws" | "http") => 80,
+            Some("wss" | "https") => 443,
+            _ => return Err(invalid("no port, and no scheme with a default one")),
+        },
+    };
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_and_port_of_a_uri() {
+        let of = |uri: &str| match host_and_port(&uri.parse().unwrap()) {
+            Ok((host, port)) => format!("{host} {port}"),
+            Err(e) => format!("{:?}", e.kind()),
+        };
+        assert_eq!(of("ws://example.com:8080/"), "example.com 8080");
+        assert_eq!(of("ws://example.com/"), "example.com 80");
+        assert_eq!(of("WS://example.com/"), "example.com 80");
+        assert_eq!(of("http://example.com/"), "example.com 80");
+        assert_eq!(of("wss://example.com/"), "example.com 443");
+        assert_eq!(of("https://example.com/"), "example.com 443");
+        assert_eq!(of("ws://[::1]:9/"), "::1 9");
+        assert_eq!(of("ftp://example.com/"), "InvalidInput");
+        assert_eq!(of("example.com:7"), "example.com 7");
+        assert_eq!(of("/just/a/path"), "InvalidInput");
+    }
+
+    #[tokio::test]
+    async fn opens_a_tcp_stream_with_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let uri: Uri = format!("ws://{addr}/").parse().unwrap();
+        let stream = TcpConnector.call(uri).await.unwrap();
+        assert!(stream.nodelay().unwrap());
+        assert_eq!(stream.peer_addr().unwrap(), addr);
+
+        let refused = TcpConnector.call("ftp://127.0.0.1/".parse().unwrap()).await;
+        assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test]
+    async fn a_byte_stream_passes_bytes_both_ways() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut stream = ByteStream::new(ours);
+        assert!(format!("{stream:?}").starts_with("ByteStream"));
+        stream.write_all(b"ping").await.unwrap();
+        stream.flush().await.unwrap();
+        let mut got = [0; 4];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        theirs.write_all(b"pong").await.unwrap();
+        stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong");
+        let written = stream
+            .write_vectored(&[io::IoSlice::new(b"ab"), io::IoSlice::new(b"cd")])
+            .await
+            .unwrap();
+        assert!(written >= 1);
+        assert_eq!(stream.is_write_vectored(), theirs.is_write_vectored());
+        stream.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        theirs.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, &b"abcd"[..written]);
+    }
+}
