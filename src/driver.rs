@@ -104,9 +104,22 @@ impl Driver {
         D: Teardown<M::Response, Future: Send + 'static> + Send + 'static,
         W: Monitor<M::Response, Future: Send + 'static> + Send + 'static,
     {
+        // Taken apart before the loop's future is made, so that the future holds each part
+        // once, not also the `Parts` it came in (104 bytes per managed connection).
+        let Parts {
+            core,
+            make,
+            target,
+            teardown,
+            monitor,
+            retry,
+            timeouts,
+        } = parts;
         Driver {
-            _stop: StopGuard(Arc::clone(&parts.core)),
-            inner: Box::pin(run(parts)),
+            _stop: StopGuard(Arc::clone(&core)),
+            inner: Box::pin(run_loop(
+                core, make, target, teardown, monitor, retry, timeouts,
+            )),
         }
     }
 }
@@ -156,27 +169,7 @@ fn shared(error: impl Into<BoxError>) -> SharedError {
     SharedError::from(error.into())
 }
 
-/// The driver's loop. `parts` is taken apart before the future is made, so that the future
-/// holds each part once, not also the `Parts` it came in (104 bytes per managed connection).
-fn run<M, T, D, W>(parts: Parts<M, T, D, W>) -> impl Future<Output = ()> + Send
-where
-    M: Parted<T>,
-    T: 'static,
-    D: Teardown<M::Response, Future: Send + 'static> + Send + 'static,
-    W: Monitor<M::Response, Future: Send + 'static> + Send + 'static,
-{
-    let Parts {
-        core,
-        make,
-        target,
-        teardown,
-        monitor,
-        retry,
-        timeouts,
-    } = parts;
-    run_loop(core, make, target, teardown, monitor, retry, timeouts)
-}
-
+/// The driver's loop.
 #[allow(clippy::too_many_arguments)]
 async fn run_loop<M, T, D, W>(
     core: Arc<Core>,

@@ -143,39 +143,32 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
     /// Sets the backoff between attempts: any [`MakeBackoff`], such as
     /// [`Schedule`](crate::backoff::Schedule) or tower's `ExponentialBackoffMaker`.
     pub fn with_backoff<B2>(self, backoff: B2) -> ReconnectLayer<T, B2, D, W> {
-        ReconnectLayer {
-            first: self.first,
-            claimed: self.claimed,
-            target: self.target,
-            backoff,
-            teardown: self.teardown,
-            monitor: self.monitor,
-            settings: self.settings,
-        }
+        self.with_parts(|_, teardown, monitor| (backoff, teardown, monitor))
     }
 
     /// Sets how connections are closed (see [`crate::teardown`]).
     pub fn with_teardown<D2>(self, teardown: D2) -> ReconnectLayer<T, B, D2, W> {
-        ReconnectLayer {
-            first: self.first,
-            claimed: self.claimed,
-            target: self.target,
-            backoff: self.backoff,
-            teardown,
-            monitor: self.monitor,
-            settings: self.settings,
-        }
+        self.with_parts(|backoff, _, monitor| (backoff, teardown, monitor))
     }
 
     /// Sets how the installed connection is watched, so that a dead connection is noticed
     /// without waiting for the next request (see [`Monitor`]).
     pub fn with_monitor<W2>(self, monitor: W2) -> ReconnectLayer<T, B, D, W2> {
+        self.with_parts(|backoff, teardown, _| (backoff, teardown, monitor))
+    }
+
+    /// The same layer with new parts of the kinds its type names.
+    fn with_parts<B2, D2, W2>(
+        self,
+        parts: impl FnOnce(B, D, W) -> (B2, D2, W2),
+    ) -> ReconnectLayer<T, B2, D2, W2> {
+        let (backoff, teardown, monitor) = parts(self.backoff, self.teardown, self.monitor);
         ReconnectLayer {
             first: self.first,
             claimed: self.claimed,
             target: self.target,
-            backoff: self.backoff,
-            teardown: self.teardown,
+            backoff,
+            teardown,
             monitor,
             settings: self.settings,
         }
@@ -360,18 +353,13 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
     /// one a fresh connection of its own.
     pub fn build<M>(&self, make: M) -> (Reconnect<M::Response>, Driver)
     where
-        M: Service<T> + Send + 'static,
-        M::Response: Send + 'static,
-        M::Error: Into<BoxError>,
-        M::Future: Send + 'static,
+        M: Service<T, Response: Send + 'static, Error: Into<BoxError>, Future: Send + 'static>
+            + Send
+            + 'static,
         T: 'static,
-        B: MakeBackoff + Clone + Send + 'static,
-        B::Backoff: Send,
-        <B::Backoff as Backoff>::Future: Send + 'static,
-        D: Teardown<M::Response> + Clone + Send + 'static,
-        D::Future: Send + 'static,
-        W: Monitor<M::Response> + Clone + Send + 'static,
-        W::Future: Send + 'static,
+        B: MakeBackoff<Backoff: Send + Backoff<Future: Send + 'static>> + Clone + Send + 'static,
+        D: Teardown<M::Response, Future: Send + 'static> + Clone + Send + 'static,
+        W: Monitor<M::Response, Future: Send + 'static> + Clone + Send + 'static,
     {
         let settings = &self.settings;
         let policy = Policy {
@@ -409,18 +397,13 @@ impl<T, B, D, W> ReconnectLayer<T, B, D, W> {
 
 impl<M, T, B, D, W> Layer<M> for ReconnectLayer<T, B, D, W>
 where
-    M: Service<T> + Send + 'static,
-    M::Response: Send + 'static,
-    M::Error: Into<BoxError>,
-    M::Future: Send + 'static,
+    M: Service<T, Response: Send + 'static, Error: Into<BoxError>, Future: Send + 'static>
+        + Send
+        + 'static,
     T: 'static,
-    B: MakeBackoff + Clone + Send + 'static,
-    B::Backoff: Send,
-    <B::Backoff as Backoff>::Future: Send + 'static,
-    D: Teardown<M::Response> + Clone + Send + 'static,
-    D::Future: Send + 'static,
-    W: Monitor<M::Response> + Clone + Send + 'static,
-    W::Future: Send + 'static,
+    B: MakeBackoff<Backoff: Send + Backoff<Future: Send + 'static>> + Clone + Send + 'static,
+    D: Teardown<M::Response, Future: Send + 'static> + Clone + Send + 'static,
+    W: Monitor<M::Response, Future: Send + 'static> + Clone + Send + 'static,
 {
     type Service = Reconnect<M::Response>;
 
