@@ -69,6 +69,9 @@
 //! Run with `cargo bench --bench ws`. The bench profile builds each crate as one codegen unit
 //! (`Cargo.toml`); `BENCHMARKS.md` says why, and how to measure the default profile.
 
+// criterion 0.7's `criterion_group!` makes public functions without docs (0.8 needs Rust 1.86).
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::sync::Arc;

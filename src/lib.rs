@@ -132,11 +132,38 @@
 //!
 //! | feature | default | what |
 //! |---|---|---|
-//! | `ws` | yes | the WebSocket transport over tokio-tungstenite: [`ws::WsConnector`], [`ws::WsClient`] |
+//! | `ws` | yes | the WebSocket transport over tokio-tungstenite: [`WsConnector`], [`WsClient`] (module [`ws`]) |
+//! | `tls` | no | `wss` URLs, with rustls (ring) and the webpki roots; turns on `ws` |
+//!
+//! With no features, the crate is the core alone (the layer, the handle, backoff, teardown,
+//! events, endpoints): tower, tokio (`sync`, `time`, `rt`), futures-core/-util,
+//! pin-project-lite, thiserror and tracing.
 //!
 //! # Minimum supported Rust version
 //!
-//! Rust 1.85 (edition 2024).
+//! Rust 1.85 (edition 2024), for the library and for its tests, examples and benches. Two checks
+//! hold it: clippy's `incompatible_msrv` lint, denied, for the crate's own use of the standard
+//! library, and `.ci/msrv`, which fails when any package the lock file resolves declares a newer
+//! `rust-version`. The dev-dependencies are held to versions that build on 1.85 (criterion 0.7,
+//! proptest-state-machine 0.8). Raising the MSRV is a minor-version change, said in the
+//! changelog.
+// The WebSocket items are linked in the docs whether or not this build has them.
+#![doc = ""]
+#![cfg_attr(feature = "ws", doc = "[`ws`]: crate::ws")]
+#![cfg_attr(feature = "ws", doc = "[`WsConnector`]: crate::ws::WsConnector")]
+#![cfg_attr(feature = "ws", doc = "[`WsClient`]: crate::ws::WsClient")]
+#![cfg_attr(
+    not(feature = "ws"),
+    doc = "[`ws`]: https://docs.rs/tower-epoch/latest/tower_epoch/ws/index.html"
+)]
+#![cfg_attr(
+    not(feature = "ws"),
+    doc = "[`WsConnector`]: https://docs.rs/tower-epoch/latest/tower_epoch/ws/struct.WsConnector.html"
+)]
+#![cfg_attr(
+    not(feature = "ws"),
+    doc = "[`WsClient`]: https://docs.rs/tower-epoch/latest/tower_epoch/ws/struct.WsClient.html"
+)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
