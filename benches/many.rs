@@ -59,7 +59,7 @@ use tower::{Layer, Service, service_fn};
 use tower_epoch::{Driver, Handle, ReconnectLayer, State};
 
 use alloc::live;
-use figure::{Figure, HEAP};
+use figure::{Figure, HEAP, Scale};
 
 /// Managed connections in each sample.
 const CONNECTIONS: usize = 10_000;
@@ -221,9 +221,11 @@ fn heap_stable_subscribed(rt: &Runtime) -> f64 {
 /// Driver polls per connection per minute.
 const POLLS: Figure = Figure {
     unit: "polls/conn/min",
-    scale: 1.0,
     machine_unit: "polls/conn/min",
-    offset: 1.0,
+    scale: Scale::Linear {
+        per_unit: 1.0,
+        offset: 1.0,
+    },
 };
 
 /// Each sample is one run of 10,000 connections (or of a herd): ten of them, after one to warm

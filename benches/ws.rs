@@ -54,7 +54,7 @@
 //! Those groups time raw for seconds, then the client for seconds: whatever drifts in the
 //! machine between the two windows lands in their ratio, and on loopback two identical raw
 //! connections measured that way land up to about 10% apart. The `relative` groups measure the
-//! ratio itself, with a criterion measurement of the bench's own ([`Relative`]): each iteration
+//! ratio itself, with a criterion measurement of the bench's own ([`RATIO`], see [`pairs`]): each iteration
 //! is a pair, raw then the other side (or the other side then raw, in turn) sending the same
 //! unit of messages back to back, and criterion reports the geometric mean of the other side's
 //! time over raw's ("x raw"; the throughput ratio is its inverse). The functions:
@@ -79,7 +79,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{
     BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };
@@ -91,6 +90,11 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::http::Uri;
 use tower_epoch::ws::{Incoming, Message, WsClient, WsClientBuilder, WsConnector};
+
+#[path = "support/figure.rs"]
+mod figure;
+
+use figure::{Figure, RATIO, pairs};
 
 /// The payload: 32 bytes of text.
 const PAYLOAD: &str = "0123456789abcdef0123456789abcdef";
@@ -594,95 +598,11 @@ const PAIR_BATCHES: u64 = 5;
 /// loopback).
 const PAIR_SENDS: u64 = 500;
 
-/// A criterion [`Measurement`] of one side's time relative to raw's, measured back to back.
-///
-/// An iteration is one pair: raw sends a unit of messages and the other side sends the same
-/// unit, each timed and each followed by the server catching up, the order swapped from one
-/// pair to the next (see [`pairs`]). Drift in the machine (the host's other tenants, the clock,
-/// the server's thread) moves both halves of a pair alike, where it moves the `awaited` and
-/// `pipelined` groups, which time raw for seconds and then the client for seconds, apart.
-///
-/// The value of a pair is the logarithm of the other side's time over raw's, so that criterion
-/// averages logarithms and [`TimesRaw`] shows the geometric mean of the ratios: a pair slowed
-/// down on raw's side counts as much as one slowed down on the other side, where a plain mean
-/// of ratios would lean towards the slow side. Above 1 the other side is slower.
-///
-/// Only [`Bencher::iter_custom`](criterion::Bencher::iter_custom) can take it: `start` and `end`
-/// have nothing to time.
-struct Relative;
-
-impl Measurement for Relative {
-    type Intermediate = ();
-    type Value = f64;
-
-    fn start(&self) {
-        panic!("`Relative` is measured only through `iter_custom`");
-    }
-
-    fn end(&self, (): ()) -> f64 {
-        panic!("`Relative` is measured only through `iter_custom`");
-    }
-
-    fn add(&self, a: &f64, b: &f64) -> f64 {
-        a + b
-    }
-
-    fn zero(&self) -> f64 {
-        0.0
-    }
-
-    fn to_f64(&self, value: &f64) -> f64 {
-        *value
-    }
-
-    fn formatter(&self) -> &dyn ValueFormatter {
-        &TimesRaw
-    }
-}
-
-/// Shows a [`Relative`] value, a mean logarithm, as the ratio it stands for.
-struct TimesRaw;
-
-impl ValueFormatter for TimesRaw {
-    fn scale_values(&self, _typical: f64, values: &mut [f64]) -> &'static str {
-        values.iter_mut().for_each(|v| *v = v.exp());
-        "x raw"
-    }
-
-    fn scale_throughputs(&self, _typical: f64, _: &Throughput, values: &mut [f64]) -> &'static str {
-        // The relative groups set no throughput: a ratio of times has none.
-        self.scale_values(0.0, values)
-    }
-
-    fn scale_for_machines(&self, values: &mut [f64]) -> &'static str {
-        self.scale_values(0.0, values);
-        "ratio"
-    }
-}
-
-/// `iters` pairs for [`Relative`]: `run(Who::Raw)` and `run(Who::Client)`, raw first in even
-/// pairs and last in odd ones, each returning the time of its unit; the sum over the pairs of
-/// the logarithm of the client's time over raw's.
-fn pairs(iters: u64, mut run: impl FnMut(Who) -> Duration) -> f64 {
-    (0..iters)
-        .map(|i| {
-            let (raw, client) = if i % 2 == 0 {
-                let raw = run(Who::Raw);
-                (raw, run(Who::Client))
-            } else {
-                let client = run(Who::Client);
-                (run(Who::Raw), client)
-            };
-            (client.as_secs_f64() / raw.as_secs_f64()).ln()
-        })
-        .sum()
-}
-
 /// The paired functions of one setting, `{prefix}awaited/ws_client`,
 /// `{prefix}pipelined/ws_client` and `{prefix}pipelined/ws_sink`, in `group`; every unit is
 /// followed by `check(who, messages sent in it)`.
 fn relative_modes<R>(
-    group: &mut BenchmarkGroup<'_, Relative>,
+    group: &mut BenchmarkGroup<'_, Figure>,
     rt: &Runtime,
     prefix: &str,
     raw: &mut R,
@@ -695,7 +615,7 @@ fn relative_modes<R>(
     let message = Message::text(PAYLOAD);
     group.bench_function(format!("{prefix}awaited/ws_client"), |b| {
         b.iter_custom(|iters| {
-            pairs(iters, |who| {
+            pairs(iters, Who::Raw, Who::Client, |who| {
                 let elapsed = match who {
                     Who::Raw => timed(rt, send_each(raw, &message, PAIR_SENDS)),
                     Who::Client => timed(rt, client_send_each(client, &message, PAIR_SENDS)),
@@ -707,7 +627,7 @@ fn relative_modes<R>(
     });
     group.bench_function(format!("{prefix}pipelined/ws_client"), |b| {
         b.iter_custom(|iters| {
-            pairs(iters, |who| {
+            pairs(iters, Who::Raw, Who::Client, |who| {
                 let elapsed = match who {
                     Who::Raw => timed(rt, feed_batches(raw, &message, PAIR_BATCHES)),
                     Who::Client => timed(rt, client_feed_batches(client, &message, PAIR_BATCHES)),
@@ -720,7 +640,7 @@ fn relative_modes<R>(
     let mut sink = client.sink();
     group.bench_function(format!("{prefix}pipelined/ws_sink"), |b| {
         b.iter_custom(|iters| {
-            pairs(iters, |who| {
+            pairs(iters, Who::Raw, Who::Client, |who| {
                 let elapsed = match who {
                     Who::Raw => timed(rt, feed_batches(raw, &message, PAIR_BATCHES)),
                     Who::Client => timed(rt, feed_batches(&mut sink, &message, PAIR_BATCHES)),
@@ -733,7 +653,7 @@ fn relative_modes<R>(
 }
 
 /// A `relative` group with few samples of equal size: a pair takes 1-5 ms.
-fn relative_group<'c>(c: &'c mut Criterion<Relative>) -> BenchmarkGroup<'c, Relative> {
+fn relative_group<'c>(c: &'c mut Criterion<Figure>) -> BenchmarkGroup<'c, Figure> {
     let mut group = c.benchmark_group("relative");
     group.sampling_mode(SamplingMode::Flat).sample_size(20);
     group
@@ -742,7 +662,7 @@ fn relative_group<'c>(c: &'c mut Criterion<Relative>) -> BenchmarkGroup<'c, Rela
 /// The loopback setting, paired: the client against raw in both modes, and
 /// `pipelined/raw_again`, a second raw connection against the first (the noise floor of the
 /// pairing itself; its "client" is that second connection).
-fn relative_loopback(c: &mut Criterion<Relative>) {
+fn relative_loopback(c: &mut Criterion<Figure>) {
     let rt = runtime();
     let server = Server::start();
     let (mut raw, mut raw_count) = raw_tcp(&rt, &server);
@@ -753,7 +673,7 @@ fn relative_loopback(c: &mut Criterion<Relative>) {
     let mut group = relative_group(c);
     group.bench_function("loopback/pipelined/raw_again", |b| {
         b.iter_custom(|iters| {
-            pairs(iters, |who| {
+            pairs(iters, Who::Raw, Who::Client, |who| {
                 let (sink, counted, side) = match who {
                     Who::Raw => (&mut raw, &mut raw_count, "raw"),
                     Who::Client => (&mut raw_again, &mut again_count, "raw_again"),
@@ -780,7 +700,7 @@ fn relative_loopback(c: &mut Criterion<Relative>) {
 }
 
 /// The memory setting, paired.
-fn relative_memory(c: &mut Criterion<Relative>) {
+fn relative_memory(c: &mut Criterion<Figure>) {
     let rt = runtime();
     let (mut raw, client, _incoming, mut taken) = memory_sides(&rt);
     let mut group = relative_group(c);
@@ -794,7 +714,7 @@ fn relative_memory(c: &mut Criterion<Relative>) {
 criterion_group!(benches, ws, memory);
 criterion_group! {
     name = relative;
-    config = Criterion::default().with_measurement(Relative);
+    config = Criterion::default().with_measurement(RATIO);
     targets = relative_loopback, relative_memory
 }
 criterion_main!(benches, relative);
