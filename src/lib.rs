@@ -134,6 +134,7 @@
 //! |---|---|---|
 //! | `ws` | yes | the WebSocket transport over tokio-tungstenite: [`WsConnector`], [`WsClient`] (module [`ws`]) |
 //! | `tls` | no | `wss` URLs, with rustls (ring) and the webpki roots; turns on `ws` |
+//! | `http2` | no | the HTTP/2 transport over hyper, which tonic clients run over: [`http2`] |
 //!
 //! With no features, the crate is the core alone (the layer, the handle, backoff, teardown,
 //! events, endpoints): tower, tokio (`sync`, `time`, `rt`), futures-core/-util,
@@ -149,6 +150,11 @@
 //! changelog.
 // The WebSocket items are linked in the docs whether or not this build has them.
 #![doc = ""]
+#![cfg_attr(feature = "http2", doc = "[`http2`]: crate::http2")]
+#![cfg_attr(
+    not(feature = "http2"),
+    doc = "[`http2`]: https://docs.rs/tower-epoch/latest/tower_epoch/http2/index.html"
+)]
 #![cfg_attr(feature = "ws", doc = "[`ws`]: crate::ws")]
 #![cfg_attr(feature = "ws", doc = "[`WsConnector`]: crate::ws::WsConnector")]
 #![cfg_attr(feature = "ws", doc = "[`WsClient`]: crate::ws::WsClient")]
@@ -181,7 +187,15 @@ mod state;
 pub mod backoff;
 pub mod endpoints;
 pub mod events;
+#[cfg(feature = "http2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
+pub mod http2;
 pub mod teardown;
+#[cfg(feature = "tls")]
+mod tls;
+#[cfg(any(feature = "ws", feature = "http2"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "ws", feature = "http2"))))]
+pub mod transport;
 #[cfg(feature = "ws")]
 #[cfg_attr(docsrs, doc(cfg(feature = "ws")))]
 pub mod ws;

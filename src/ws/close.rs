@@ -106,7 +106,7 @@ mod tests {
 
     use super::*;
     use crate::epoch::{Clock, Epoch};
-    use crate::ws::ByteStream;
+    use crate::transport::ByteStream;
     use crate::ws::builder::Settings;
     use crate::ws::monitor::Monitor;
     use crate::ws::writer::Wire;

@@ -13,8 +13,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tower_service::Service;
 
 use super::error::WsError;
-use super::transport::{ByteStream, TcpConnector};
 use crate::BoxError;
+use crate::transport::{ByteStream, TcpConnector};
 
 /// Where a WebSocket connection goes, checked before any socket is opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -328,7 +328,9 @@ where
             let io = ByteStream::new(opening.await.map_err(io_error)?);
             #[cfg(feature = "tls")]
             let io = match tls {
-                Some((host, config)) => super::tls::wrap(io, &host, config).await?,
+                Some((host, config)) => crate::tls::wrap(io, &host, config, &[])
+                    .await
+                    .map_err(WsError::Tls)?,
                 None => io,
             };
             let (stream, _response) =

@@ -4,7 +4,7 @@
 //! - [`WsConnector`] is a `tower::Service<Request>` that opens WebSocket connections. It checks
 //!   the URL before any socket is opened, so `ws://h:99999` is [`WsError::PortOutOfRange`]
 //!   rather than a connection to port 80, and opens the byte stream with a transport of your
-//!   choice ([`TcpConnector`] by default).
+//!   choice ([`TcpConnector`](crate::transport::TcpConnector) by default).
 //! - [`WsClient`] manages one logical WebSocket connection with [`ReconnectLayer`]: an
 //!   outbound queue that survives disconnects, incoming messages tagged with their epoch,
 //!   heartbeats, graceful close, and optional at-least-once delivery. [`WsSink`] is the same
@@ -80,9 +80,6 @@ mod monitor;
 mod outbox;
 mod shared;
 mod sink;
-#[cfg(feature = "tls")]
-mod tls;
-mod transport;
 mod writer;
 
 pub use builder::{WhenFull, WsClientBuilder};
@@ -95,4 +92,3 @@ pub use outbox::Stats;
 pub use sink::WsSink;
 pub use tokio_tungstenite::tungstenite::Message;
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-pub use transport::{ByteStream, TcpConnector};

@@ -289,7 +289,7 @@ mod tests {
 
     use super::*;
     use crate::epoch::Clock;
-    use crate::ws::ByteStream;
+    use crate::transport::ByteStream;
     use crate::ws::builder::Settings;
 
     async fn pair(

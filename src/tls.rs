@@ -1,4 +1,4 @@
-//! `wss`: TLS with rustls (feature `tls`).
+//! TLS with rustls (feature `tls`), for `wss` and `https`.
 
 use std::io;
 use std::sync::{Arc, OnceLock};
@@ -6,8 +6,7 @@ use std::sync::{Arc, OnceLock};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 
-use super::error::WsError;
-use super::transport::ByteStream;
+use crate::transport::ByteStream;
 
 /// The default client configuration: the webpki roots, ring, TLS 1.2 and 1.3.
 fn default_config() -> Arc<ClientConfig> {
@@ -26,19 +25,28 @@ fn default_config() -> Arc<ClientConfig> {
     }))
 }
 
-/// Runs the TLS handshake for `host` over `io`.
+/// Runs the TLS handshake for `host` (IPv6 brackets allowed) over `io`, offering the ALPN
+/// protocols `alpn` when there are any (they replace the configuration's own).
 pub(crate) async fn wrap(
     io: ByteStream,
     host: &str,
     config: Option<Arc<ClientConfig>>,
-) -> Result<ByteStream, WsError> {
+    alpn: &[&[u8]],
+) -> io::Result<ByteStream> {
     let host = host
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let name = ServerName::try_from(host)
-        .map_err(|e| WsError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    let connector = tokio_rustls::TlsConnector::from(config.unwrap_or_else(default_config));
-    let stream = connector.connect(name, io).await.map_err(WsError::Tls)?;
+    let name =
+        ServerName::try_from(host).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut config = config.unwrap_or_else(default_config);
+    if !alpn.is_empty() {
+        let mut with_alpn = (*config).clone();
+        with_alpn.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config = Arc::new(with_alpn);
+    }
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, io)
+        .await?;
     Ok(ByteStream::new(stream))
 }

@@ -1,14 +1,23 @@
-//! The byte stream under a WebSocket: [`TcpConnector`], the default transport, and
-//! [`ByteStream`], whatever transport it came from.
+//! The byte streams the transports run over: [`TcpConnector`], the default, and
+//! [`ByteStream`], whatever opened it.
+//!
+//! A transport is any `Service<Uri>` whose response is a tokio `AsyncRead + AsyncWrite`
+//! stream, as hyper-util's connectors are: a proxy, a Unix socket, an in-memory pipe in tests.
+//! The connectors take one with `with_transport`
+#![cfg_attr(
+    feature = "ws",
+    doc = "([`WsConnector::with_transport`](crate::ws::WsConnector::with_transport))"
+)]
+//! and call it with the checked URL's scheme and authority, the port always given.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use http::Uri;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::http::Uri;
 use tower_service::Service;
 
 /// A transport's stream, as the connector keeps it.
@@ -16,13 +25,11 @@ trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// The byte stream a WebSocket connection runs over: the stream its transport opened (TCP by
-/// default, see [`WsConnector::with_transport`](super::WsConnector::with_transport)), inside
-/// TLS for `wss`.
+/// The byte stream a connection runs over: the stream its transport opened (TCP by default),
+/// inside TLS for `wss` and `https`.
 ///
-/// It is one type whatever the transport and the features, so that
-/// [`WsConnector`](super::WsConnector)'s response type does not change when a dependency turns
-/// on `tls`.
+/// It is one type whatever the transport and the features, so that a connector's response
+/// type does not change when a dependency turns on `tls`.
 pub struct ByteStream(Box<dyn Io>);
 
 impl ByteStream {
@@ -77,8 +84,8 @@ impl AsyncWrite for ByteStream {
     }
 }
 
-/// The default transport of [`WsConnector`](super::WsConnector): a `Service<Uri>` that opens a
-/// TCP stream to the URI's host and port, with `TCP_NODELAY` set (WebSocket frames are small).
+/// The default transport of the connectors: a `Service<Uri>` that opens a TCP stream to the
+/// URI's host and port, with `TCP_NODELAY` set (WebSocket and HTTP/2 frames are small).
 ///
 /// The port is the URI's, or 80 for `ws` and `http`, 443 for `wss` and `https` (the connector
 /// always gives it one). A URI without a host, or without a port and with another scheme, is an

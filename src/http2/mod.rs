@@ -1,0 +1,113 @@
+//! The HTTP/2 transport (feature `http2`): a reconnecting channel over hyper, which tonic's
+//! generated clients run over unchanged.
+//!
+//! - [`H2Connector`] is a `tower::Service<Uri>` that opens HTTP/2 connections: it checks the
+//!   target before any socket is opened, opens the byte stream with a transport of your choice
+//!   ([`TcpConnector`](crate::transport::TcpConnector) by default), and runs the handshake with
+//!   its settings (keep-alive pings, flow-control windows, frame size).
+//! - [`H2Connection`] is the connection: a cheap-to-clone `Service<http::Request<B>>`.
+//! - [`layer`] is the [`ReconnectLayer`](crate::ReconnectLayer) for it: [`H2Monitor`] drives
+//!   the connection and reports its end, [`H2Teardown`] closes it for real, a GOAWAY
+//!   reconnects at once, and response errors are classified by
+//!   [`H2Error::is_connection_failure`].
+//!
+//! What it promises:
+//!
+//! - **The crate owns the connection's tasks.** hyper's tasks for a connection (the one that
+//!   reads and writes the socket, one per request) run in the connection's monitor while it is
+//!   installed and in its teardown after, not on their own. So after `disconnect().await` no
+//!   socket is left open, whatever copies of the connection exist.
+//! - **A graceful server stop (GOAWAY) reconnects at once**, while the old connection finishes
+//!   the calls it had in flight (rule 6 on a real protocol). A server killed outright fails the
+//!   connection, and the backoff paces the reconnects.
+//! - **Waiting is bounded**: the layer's connect timeout bounds each attempt (the TCP connect,
+//!   TLS and the HTTP/2 handshake), its close timeout each teardown, and the keep-alive
+//!   ([`H2Connector::keep_alive`]) finds a half-open connection without a request.
+//!
+//! # In a `ServiceBuilder` stack
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use tower_epoch::http2::{self, H2Connector};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_epoch::BoxError> {
+//! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # let addr = listener.local_addr()?;
+//! # tokio::spawn(async move {
+//! #     while let Ok((socket, _)) = listener.accept().await {
+//! #         let echo = hyper::service::service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+//! #             let body = request.into_body().collect().await?.to_bytes();
+//! #             Ok::<_, hyper::Error>(http::Response::new(Full::new(body)))
+//! #         });
+//! #         let io = hyper_util::rt::TokioIo::new(socket);
+//! #         let server = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+//! #         tokio::spawn(async move { server.serve_connection(io, echo).await });
+//! #     }
+//! # });
+//! // An HTTP/2 echo server listens on `addr`.
+//! let reconnect = http2::layer(&format!("http://{addr}"))?
+//!     .with_connect_timeout(Duration::from_secs(5));
+//! let handle = reconnect.handle();
+//! let mut channel = ServiceBuilder::new()
+//!     .timeout(Duration::from_secs(10)) // each call, its wait for a connection included...
+//!     .buffer(1024) // ...which the buffer's worker does
+//!     .concurrency_limit(256) // calls in flight on the connection
+//!     .layer(reconnect)
+//!     .service(H2Connector::<Full<Bytes>>::new().keep_alive(Duration::from_secs(20), Duration::from_secs(5))?);
+//!
+//! handle.connect()?;
+//! let request = http::Request::post("/echo").body(Full::new(Bytes::from("hello")))?;
+//! let response = channel.ready().await?.call(request).await?;
+//! assert_eq!(response.into_body().collect().await?.to_bytes(), "hello");
+//!
+//! handle.disconnect().await; // the connection and its socket are closed
+//! # Ok(()) }
+//! ```
+//!
+//! The order of the layers matters:
+//!
+//! - **`timeout` bounds `poll_ready` only through a `buffer`.** While no connection is
+//!   installed, the reconnecting service waits in `poll_ready`, which tower's `Timeout` does
+//!   not bound; the buffer moves that wait into the call's future, which it does.
+//! - **A `concurrency_limit` inside the buffer** limits the calls on the connection; outside
+//!   it, the calls waiting in the buffer too.
+//! - **Layers after the reconnect layer wrap the connector**, not the connection: a `timeout`
+//!   there bounds each connect attempt (the layer's connect timeout already does).
+//! - **A `retry` goes outside the buffer**, and only for idempotent calls: a call that failed
+//!   with its connection may have reached the server.
+//! - **A `buffer` fails for good at the first error of `poll_ready`**, which the layer returns
+//!   only for a terminal state ([`Error::GaveUp`](crate::Error::GaveUp),
+//!   [`Error::Refused`](crate::Error::Refused), [`Error::Shutdown`](crate::Error::Shutdown)) or
+//!   with [`WhenDisconnected::FailFast`](crate::WhenDisconnected::FailFast).
+//!
+//! # tonic
+//!
+//! A tonic client takes any `tower::Service<http::Request<tonic::body::Body>>`; the reconnecting
+//! service is one, with an [`H2Connector<tonic::body::Body>`](H2Connector). tonic's requests
+//! carry only their path: the connection adds its own scheme and authority.
+//!
+//! ```ignore
+//! let reconnect = http2::layer("http://127.0.0.1:50051")?;
+//! let handle = reconnect.handle();
+//! let channel = ServiceBuilder::new()
+//!     .layer(reconnect)
+//!     .service(H2Connector::<tonic::body::Body>::new());
+//! let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+//! handle.connect()?;
+//! let reply = health.check(HealthCheckRequest { service: String::new() }).await?;
+//! ```
+
+mod connection;
+mod connector;
+mod error;
+mod lifecycle;
+mod tasks;
+
+pub use connection::{H2Body, H2Connection};
+pub use connector::H2Connector;
+pub use error::H2Error;
+pub use lifecycle::{H2Monitor, H2Teardown, MonitorFuture, layer};
