@@ -32,6 +32,8 @@ fn serve(listener: TcpListener) -> JoinSet<()> {
 type Lines = BoxCloneSyncService<String, String, BoxError>;
 
 /// The connector: a TCP connection to `addr`, as a service of one line out, one line back.
+/// (A line protocol has no request ids: a request cut halfway would leave its reply to the
+/// next one. `examples/custom_transport.rs` shows a connection that guards against it.)
 async fn connect(addr: SocketAddr) -> std::io::Result<Lines> {
     let stream = Arc::new(Mutex::new(BufReader::new(TcpStream::connect(addr).await?)));
     Ok(BoxCloneSyncService::new(service_fn(move |line: String| {

@@ -137,7 +137,7 @@
 //! | `http2` | no | the HTTP/2 transport over hyper, which tonic clients run over: [`http2`] |
 //!
 //! With no features, the crate is the core alone (the layer, the handle, backoff, teardown,
-//! events, endpoints): tower, tokio (`sync`, `time`, `rt`), futures-core/-util,
+//! events, endpoints): tower, tokio (`sync`, `time`, `rt`, `macros`), futures-core/-util,
 //! pin-project-lite, thiserror and tracing.
 //!
 //! # Minimum supported Rust version
@@ -145,9 +145,10 @@
 //! Rust 1.85 (edition 2024), for the library and for its tests, examples and benches. Two checks
 //! hold it: clippy's `incompatible_msrv` lint, denied, for the crate's own use of the standard
 //! library, and `.ci/msrv`, which fails when any package the lock file resolves declares a newer
-//! `rust-version`. The dev-dependencies are held to versions that build on 1.85 (criterion 0.7,
-//! proptest-state-machine 0.8). Raising the MSRV is a minor-version change, said in the
-//! changelog.
+//! `rust-version`. The dev-dependencies are held to versions that declare 1.85 or older
+//! (criterion 0.7, proptest-state-machine 0.8, proptest below 1.12). Neither check compiles
+//! with Rust 1.85 itself, and neither sees language features (a `let` chain needs 1.88).
+//! Raising the MSRV is a minor-version change, said in the changelog.
 // The WebSocket items are linked in the docs whether or not this build has them.
 #![doc = ""]
 #![cfg_attr(feature = "http2", doc = "[`http2`]: crate::http2")]

@@ -163,8 +163,9 @@ impl fmt::Display for State {
 ///
 /// At quiescence (no attempt, timer or teardown in flight) the books balance:
 /// `opened == installed + discarded` and `closed == opened - (1 if a connection is installed)`.
-/// At any moment, `opened - closed`, less one while a connection is installed, is the number of
-/// connections still closing.
+/// Between those moments, `opened - closed`, less one while a connection is installed, counts
+/// the connections still closing (the ledger and the state are read apart, so use
+/// `saturating_sub`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Ledger {

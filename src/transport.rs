@@ -2,7 +2,8 @@
 //! [`ByteStream`], whatever opened it.
 //!
 //! A transport is any `Service<Uri>` whose response is a tokio `AsyncRead + AsyncWrite`
-//! stream, as hyper-util's connectors are: a proxy, a Unix socket, an in-memory pipe in tests.
+//! stream (the shape of hyper-util's connectors, with tokio's I/O traits): a proxy, a Unix
+//! socket, an in-memory pipe in tests.
 //! The connectors take one with `with_transport`
 #![cfg_attr(
     feature = "ws",
@@ -33,8 +34,38 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 pub struct ByteStream(Box<dyn Io>);
 
 impl ByteStream {
-    pub(crate) fn new(io: impl AsyncRead + AsyncWrite + Send + Unpin + 'static) -> ByteStream {
-        ByteStream(Box::new(io))
+    /// `io` behind one box; a `ByteStream` is taken as it is, not boxed again.
+    pub(crate) fn new<T: AsyncRead + AsyncWrite + Send + Unpin + 'static>(io: T) -> ByteStream {
+        let mut io = Some(io);
+        if let Some(stream) =
+            (&mut io as &mut dyn std::any::Any).downcast_mut::<Option<ByteStream>>()
+        {
+            return stream.take().expect("just put in");
+        }
+        ByteStream(Box::new(io.expect("not taken")))
+    }
+}
+
+/// A transport's error as an `io::Error`: the error itself if it is one, or with the kind of
+/// the first `io::Error` among its sources (a refused connect stays `ConnectionRefused` through
+/// a wrapper), or `Other`.
+pub(crate) fn io_error(error: impl Into<crate::BoxError>) -> io::Error {
+    let error = error.into();
+    let kind = {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
+        loop {
+            match source {
+                Some(cause) => match cause.downcast_ref::<io::Error>() {
+                    Some(io) => break io.kind(),
+                    None => source = cause.source(),
+                },
+                None => break io::ErrorKind::Other,
+            }
+        }
+    };
+    match error.downcast::<io::Error>() {
+        Ok(io) => *io,
+        Err(other) => io::Error::new(kind, other),
     }
 }
 
@@ -170,6 +201,28 @@ mod tests {
 
         let refused = TcpConnector.call("ftp://127.0.0.1/".parse().unwrap()).await;
         assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn a_byte_stream_is_boxed_once() {
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let once = ByteStream::new(ours);
+        let inner: *const dyn Io = &*once.0;
+        let again = ByteStream::new(once);
+        assert!(std::ptr::addr_eq(inner, &*again.0), "the same box");
+    }
+
+    #[test]
+    fn a_transport_error_keeps_the_kind_of_its_io_cause() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapped")]
+        struct Wrapper(#[source] io::Error);
+        let refused = || io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(io_error(refused()).kind(), io::ErrorKind::ConnectionRefused);
+        let wrapped = io_error(Wrapper(refused()));
+        assert_eq!(wrapped.kind(), io::ErrorKind::ConnectionRefused);
+        assert_eq!(wrapped.to_string(), "wrapped");
+        assert_eq!(io_error("no io in here").kind(), io::ErrorKind::Other);
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use super::connection::H2Connection;
 use super::error::H2Error;
 use super::tasks::Tasks;
 use crate::BoxError;
-use crate::transport::{ByteStream, TcpConnector};
+use crate::transport::{ByteStream, TcpConnector, io_error};
 
 /// A tower service that opens HTTP/2 connections (prior knowledge over `http`, ALPN `h2` over
 /// `https` with the `tls` feature): `Service<Uri>` answering an [`H2Connection<B>`], where `B`
@@ -270,14 +270,6 @@ pub(crate) fn check(uri: &Uri) -> Result<Target, H2Error> {
     })
 }
 
-/// A transport's error, as the connector reports it.
-fn io_error(error: impl Into<BoxError>) -> H2Error {
-    H2Error::Io(match error.into().downcast::<std::io::Error>() {
-        Ok(io) => *io,
-        Err(other) => std::io::Error::other(other),
-    })
-}
-
 impl<B, T> Service<Uri> for H2Connector<B, T>
 where
     B: Body + Send + Unpin + 'static,
@@ -293,7 +285,9 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<H2Connection<B>, H2Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), H2Error>> {
-        self.transport.poll_ready(cx).map_err(io_error)
+        self.transport
+            .poll_ready(cx)
+            .map_err(|e| H2Error::Io(io_error(e)))
     }
 
     fn call(&mut self, target: Uri) -> Self::Future {
@@ -311,7 +305,7 @@ where
             .then(|| (target.host.clone(), self.tls.clone()));
         let opening = self.transport.call(uri);
         Box::pin(async move {
-            let io = ByteStream::new(opening.await.map_err(io_error)?);
+            let io = ByteStream::new(opening.await.map_err(|e| H2Error::Io(io_error(e)))?);
             #[cfg(feature = "tls")]
             let io = match tls {
                 Some((host, config)) => crate::tls::wrap(io, &host, config, &[b"h2"])

@@ -138,7 +138,7 @@ impl<B> WsClientBuilder<B> {
     /// limits and buffer sizes.
     pub fn connector<T>(mut self, connector: WsConnector<T>) -> Self
     where
-        T: Service<Uri> + Clone + Send + Sync + 'static,
+        T: Service<Uri> + Clone + Send + 'static,
         T::Response: AsyncRead + AsyncWrite + Send + Unpin + 'static,
         T::Error: Into<BoxError>,
         T::Future: Send + 'static,

@@ -14,7 +14,7 @@ use tower_service::Service;
 
 use super::error::WsError;
 use crate::BoxError;
-use crate::transport::{ByteStream, TcpConnector};
+use crate::transport::{ByteStream, TcpConnector, io_error};
 
 /// Where a WebSocket connection goes, checked before any socket is opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,10 +194,16 @@ impl<T> WsConnector<T> {
     /// in-memory pipe in tests.
     ///
     /// The transport is a `Service<Uri>` whose response is a tokio `AsyncRead + AsyncWrite`
-    /// stream, as hyper-util's connectors are. It is called with the checked URL's scheme (in
-    /// lower case) and authority, the port always given, and the path `/`:
-    /// `WS://example.com/chat` dials `ws://example.com:80/`. Its errors, of `poll_ready` or of
-    /// the call, are [`WsError::Io`].
+    /// stream: the shape of hyper-util's connectors, with tokio's I/O traits. It is called
+    /// with the checked URL's scheme (in lower case) and authority, the port always given,
+    /// and the path `/`: `WS://example.com/chat` dials `ws://example.com:80/`. An IPv6 host
+    /// keeps its brackets in `uri.host()` (`[::1]`); strip them before resolving, as
+    /// [`TcpConnector`] does. Its errors, of `poll_ready` or of the call, are
+    /// [`WsError::Io`], with the kind of the first `io::Error` among their sources.
+    ///
+    /// hyper-util's `HttpConnector` itself answers hyper's I/O traits and refuses schemes
+    /// other than `http` by default: to use it, turn `enforce_http` off and map its response
+    /// with `TokioIo::into_inner`.
     ///
     /// ```
     /// use std::convert::Infallible;
@@ -251,11 +257,11 @@ impl<T> WsConnector<T> {
 }
 
 /// A transport of any type, as the client's builder keeps it.
-pub(crate) type BoxTransport = tower::util::BoxCloneSyncService<Uri, ByteStream, BoxError>;
+pub(crate) type BoxTransport = tower::util::BoxCloneService<Uri, ByteStream, BoxError>;
 
 impl<T> WsConnector<T>
 where
-    T: Service<Uri> + Clone + Send + Sync + 'static,
+    T: Service<Uri> + Clone + Send + 'static,
     T::Response: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     T::Error: Into<BoxError>,
     T::Future: Send + 'static,
@@ -265,7 +271,7 @@ where
         use tower::ServiceExt;
         let transport = self.transport.clone();
         let transport = transport.map_response(ByteStream::new).map_err(Into::into);
-        self.with_transport(tower::util::BoxCloneSyncService::new(transport))
+        self.with_transport(tower::util::BoxCloneService::new(transport))
     }
 }
 
@@ -275,12 +281,20 @@ pub(crate) type WsStream = WebSocketStream<ByteStream>;
 /// The future of [`WsConnector`]'s call.
 type ConnectFuture = Pin<Box<dyn Future<Output = Result<WsStream, WsError>> + Send>>;
 
-/// A transport's error, as the connector reports it.
-fn io_error(error: impl Into<BoxError>) -> WsError {
-    WsError::Io(match error.into().downcast::<std::io::Error>() {
-        Ok(io) => *io,
-        Err(other) => std::io::Error::other(other),
-    })
+/// Writes the request's scheme in lower case.
+fn lower_case_scheme(request: &mut Request, endpoint: &Endpoint) -> Result<(), WsError> {
+    let scheme = if endpoint.secure { "wss" } else { "ws" };
+    if request.uri().scheme_str() == Some(scheme) {
+        return Ok(());
+    }
+    let mut parts = request.uri().clone().into_parts();
+    parts.scheme = Some(
+        scheme
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| WsError::InvalidUrl(e.to_string()))?,
+    );
+    *request.uri_mut() = Uri::from_parts(parts).map_err(|e| WsError::InvalidUrl(e.to_string()))?;
+    Ok(())
 }
 
 /// The URI the transport is called with: the endpoint's scheme and authority, nothing else.
@@ -307,15 +321,22 @@ where
         Pin<Box<dyn Future<Output = Result<WebSocketStream<ByteStream>, WsError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        self.transport.poll_ready(cx).map_err(io_error)
+        self.transport
+            .poll_ready(cx)
+            .map_err(|e| WsError::Io(io_error(e)))
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, mut request: Request) -> Self::Future {
         let fail = |error| -> ConnectFuture { Box::pin(std::future::ready(Err(error))) };
         let endpoint = match endpoint_of(&request) {
             Ok(endpoint) => endpoint,
             Err(error) => return fail(error),
         };
+        // The check takes the scheme in any case (RFC 3986 3.1); tungstenite's handshake takes
+        // only lower case.
+        if let Err(error) = lower_case_scheme(&mut request, &endpoint) {
+            return fail(error);
+        }
         let uri = match transport_uri(&endpoint) {
             Ok(uri) => uri,
             Err(error) => return fail(error),
@@ -325,7 +346,7 @@ where
         let opening = self.transport.call(uri);
         let config = self.config;
         Box::pin(async move {
-            let io = ByteStream::new(opening.await.map_err(io_error)?);
+            let io = ByteStream::new(opening.await.map_err(|e| WsError::Io(io_error(e)))?);
             #[cfg(feature = "tls")]
             let io = match tls {
                 Some((host, config)) => crate::tls::wrap(io, &host, config, &[])
@@ -499,6 +520,21 @@ mod transport_tests {
             *seen.lock().unwrap(),
             ["ws://Example.com:80/", "ws://[::1]:9001/", "ws://h:80/"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_scheme_in_upper_case_connects() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            tokio_tungstenite::accept_async(socket).await.map(|_| ())
+        });
+        let mut connector = WsConnector::new();
+        let request = format!("WS://{addr}/socket").into_client_request().unwrap();
+        let connected = connector.ready().await.unwrap().call(request).await;
+        assert!(connected.is_ok(), "{:?}", connected.err());
+        server.await.unwrap().unwrap();
     }
 
     #[tokio::test]
