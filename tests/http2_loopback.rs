@@ -140,9 +140,18 @@ impl Drop for Decrement {
     }
 }
 
-async fn answer(request: http::Request<Incoming>) -> Result<http::Response<Body>, hyper::Error> {
+async fn answer(request: http::Request<Incoming>) -> Result<http::Response<Body>, std::io::Error> {
     let path = request.uri().path().to_string();
-    let body = request.into_body().collect().await?.to_bytes();
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    if path == "/reset" {
+        // A handler's error: hyper resets the stream (RST_STREAM), the connection stays.
+        return Err(std::io::Error::other("refused by the handler"));
+    }
     if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
     }
@@ -391,4 +400,103 @@ async fn connected_after(handle: &Handle, epoch: Epoch) -> Epoch {
         .await
         .expect("connected again");
     state.epoch().unwrap()
+}
+
+#[tokio::test]
+async fn a_reset_stream_fails_the_call_not_the_connection() {
+    let server = Server::start("127.0.0.1:0".parse().unwrap()).await;
+    let (mut channel, handle) = channel(server.addr).await;
+    let epoch = handle.epoch();
+    let error = call(&mut channel, "/reset", "x").await.unwrap_err();
+    let h2 = error.downcast_ref::<H2Error>().expect("an H2Error");
+    assert!(matches!(h2, H2Error::Request(_)), "{h2:?}");
+    assert!(!h2.is_connection_failure(), "{h2:?}");
+    assert_eq!(handle.ledger().failures, 0);
+    assert_eq!(call(&mut channel, "/echo", "still").await.unwrap(), "still");
+    assert_eq!(handle.epoch(), epoch, "the same connection");
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_cut_by_the_servers_crash_fails_the_connection() {
+    let server = Server::start("127.0.0.1:0".parse().unwrap()).await;
+    let (mut channel, handle) = channel(server.addr).await;
+    let slow = {
+        let mut channel = channel.clone();
+        tokio::spawn(async move { call(&mut channel, "/slow/2000", "cut").await })
+    };
+    in_flight(&handle).await;
+    let addr = server.kill().await;
+    let error = slow.await.unwrap().unwrap_err();
+    // The failure predicate took it for the connection's: the layer says so, with the cause.
+    let Some(tower_epoch::Error::ConnectionFailed(cause)) = error.downcast_ref() else {
+        panic!("a failure of the connection, not {error:?}");
+    };
+    let h2 = cause
+        .downcast_ref::<H2Error>()
+        .unwrap_or_else(|| panic!("an H2Error, not {cause:?}"));
+    assert!(h2.is_connection_failure(), "{h2:?}");
+    assert!(handle.ledger().failures >= 1);
+    let server = Server::start(addr).await;
+    assert_eq!(call(&mut channel, "/echo", "back").await.unwrap(), "back");
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+    server.wait_open(0).await;
+}
+
+/// A peer that takes the TCP connection and never says a word.
+async fn silent_peer() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            sockets.push(socket);
+        }
+    });
+    (addr, held)
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_is_found_by_the_keep_alive() {
+    let (addr, _peer) = silent_peer().await;
+    let layer = http2::layer(&format!("http://{addr}"))
+        .unwrap()
+        .with_backoff(tower_epoch::backoff::Schedule::new([Duration::from_secs(60)]).unwrap());
+    let handle = layer.handle();
+    let connector = H2Connector::<Body>::new()
+        .keep_alive(Duration::from_millis(100), Duration::from_millis(100))
+        .unwrap();
+    let _channel = tower::Layer::layer(&layer, connector);
+    handle.connect().unwrap();
+    // The handshake needs no answer, so the connection is installed...
+    connected(&handle).await;
+    // ...and the unanswered ping fails it.
+    let state = handle
+        .wait_for(WAIT, |s| matches!(s, State::WaitingToRetry { .. }))
+        .await
+        .expect("the keep-alive fails the silent connection");
+    assert!(state.to_string().contains("waiting"), "{state}");
+    assert_eq!(handle.ledger().failures, 1);
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_call_to_a_peer_that_never_answers_is_bounded_by_the_callers_timeout() {
+    let (addr, _peer) = silent_peer().await;
+    let (mut channel, handle) = channel(addr).await;
+    let request = http::Request::post("/echo")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let ready = channel.ready().await.unwrap();
+    let cut = timeout(Duration::from_millis(200), ready.call(request)).await;
+    assert!(cut.is_err(), "no answer, so the caller's timeout cuts it");
+    // The cut call is no longer in flight: the teardown does not wait for it.
+    let started = tokio::time::Instant::now();
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(handle.ledger().close_timeouts, 0);
 }
