@@ -153,10 +153,13 @@ impl Service<Uri> for TcpConnector {
 /// Where a URI says to connect: its host without IPv6 brackets, and its port or its scheme's.
 fn host_and_port(uri: &Uri) -> io::Result<(String, u16)> {
     let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{why}: {uri}"));
-    let host = match uri.host() {
-        Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']'),
-        _ => return Err(invalid("no host")),
-    };
+    let host = uri
+        .host()
+        .map(|host| host.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or_default();
+    if host.is_empty() {
+        return Err(invalid("no host"));
+    }
     let port = match uri.port_u16() {
         Some(port) => port,
         None => match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
@@ -188,6 +191,8 @@ mod tests {
         assert_eq!(of("ftp://example.com/"), "InvalidInput");
         assert_eq!(of("example.com:7"), "example.com 7");
         assert_eq!(of("/just/a/path"), "InvalidInput");
+        assert_eq!(of("ws://:80/"), "InvalidInput");
+        assert_eq!(of("ws://[]:80/"), "InvalidInput");
     }
 
     #[tokio::test]
@@ -201,6 +206,68 @@ mod tests {
 
         let refused = TcpConnector.call("ftp://127.0.0.1/".parse().unwrap()).await;
         assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    /// A stream that answers each call in a way of its own, to tell delegation from a default.
+    struct Probe;
+
+    impl AsyncRead for Probe {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            buf.put_slice(b"probe");
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Probe {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len().min(3)))
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum::<usize>() + 100))
+        }
+        fn is_write_vectored(&self) -> bool {
+            false
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::NotConnected.into()))
+        }
+    }
+
+    #[test]
+    fn a_byte_stream_delegates_every_call() {
+        let mut stream = ByteStream::new(Probe);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut pinned = Pin::new(&mut stream);
+        let mut space = [0; 8];
+        let mut buf = ReadBuf::new(&mut space);
+        assert!(pinned.as_mut().poll_read(&mut cx, &mut buf).is_ready());
+        assert_eq!(buf.filled(), b"probe");
+        let wrote = pinned.as_mut().poll_write(&mut cx, b"abcdef");
+        assert!(matches!(wrote, Poll::Ready(Ok(3))));
+        let slices = [io::IoSlice::new(b"ab")];
+        let wrote = pinned.as_mut().poll_write_vectored(&mut cx, &slices);
+        assert!(matches!(wrote, Poll::Ready(Ok(102))));
+        assert!(!pinned.is_write_vectored());
+        let flushed = pinned.as_mut().poll_flush(&mut cx);
+        assert!(matches!(flushed, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::WriteZero));
+        let shut = pinned.as_mut().poll_shutdown(&mut cx);
+        assert!(matches!(shut, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::NotConnected));
     }
 
     #[test]
