@@ -26,7 +26,9 @@
 //! - every transition as an [event](events) with its cause, and
 //!   [`wait_for`](Handle::wait_for) a state with a timeout;
 //! - many endpoints: [`endpoints::Endpoints`], a set of managed connections that tower's
-//!   balancers discover, each in the balancer while it is connected.
+//!   balancers discover, each in the balancer while it is connected;
+//! - two transports: WebSocket ([`ws`], a Phoenix-style client) and HTTP/2 ([`http2`], a
+//!   reconnecting channel over hyper for tonic's clients).
 //!
 //! Every operation is tagged with an [`Epoch`] of a per-connection clock.
 //! This is the `connectClock` of the Phoenix JavaScript client made into a reusable guard: a

@@ -84,22 +84,47 @@
 //!   [`Error::Refused`](crate::Error::Refused), [`Error::Shutdown`](crate::Error::Shutdown)) or
 //!   with [`WhenDisconnected::FailFast`](crate::WhenDisconnected::FailFast).
 //!
+//! # Beside tonic's `Channel`
+//!
+//! `tests/http2_grpc.rs` runs both against the same Python grpcio server, calling its health
+//! service every 20 ms through a 0.5 s crash (SIGKILL, then a restart on the same port). Four runs
+//! on one machine:
+//!
+//! | | `http2::layer` | tonic's `Channel` |
+//! |---|---|---|
+//! | calls failed during the outage | 0 to 2: the calls on the wire at the crash; the others wait for the new connection (bounded by the caller's timeout) | 35 to 52: each call fails at once with the refused connect |
+//! | restart to the first successful call | 14 to 126 ms: the backoff's next attempt | 15 to 34 ms: it dials again on each call |
+//! | backoff between connect attempts | exponential with full jitter (20 to 200 ms here: 12 to 17 attempts in the outage), an attempt limit if set | none: a call that finds no connection dials |
+//! | what the application sees | the [`State`](crate::State) with its epoch, every transition as an [event](crate::events) with its cause, the [`Ledger`](crate::Ledger) | `poll_ready` says ready; errors per call |
+//! | closing | `disconnect().await` returns once the socket is closed | dropping every clone |
+//!
 //! # tonic
 //!
 //! A tonic client takes any `tower::Service<http::Request<tonic::body::Body>>`; the reconnecting
 //! service is one, with an [`H2Connector<tonic::body::Body>`](H2Connector). tonic's requests
 //! carry only their path: the connection adds its own scheme and authority.
 //!
-//! ```ignore
+//! ```no_run
+//! use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+//! use tower::ServiceBuilder;
+//! use tower_epoch::http2::{self, H2Connector};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_epoch::BoxError> {
 //! let reconnect = http2::layer("http://127.0.0.1:50051")?;
 //! let handle = reconnect.handle();
 //! let channel = ServiceBuilder::new()
 //!     .layer(reconnect)
 //!     .service(H2Connector::<tonic::body::Body>::new());
-//! let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+//! let mut health = HealthClient::new(channel);
 //! handle.connect()?;
-//! let reply = health.check(HealthCheckRequest { service: String::new() }).await?;
+//! let reply = health.check(HealthCheckRequest::default()).await?;
+//! println!("{:?}", reply.into_inner().status());
+//! # Ok(()) }
 //! ```
+//!
+//! `examples/grpc_health.rs` runs it against grpcio (or tonic-health in process) through a
+//! crash and a graceful restart, and prints the timeline of epochs.
 
 mod connection;
 mod connector;
