@@ -48,5 +48,16 @@ pub(crate) async fn wrap(
     let stream = tokio_rustls::TlsConnector::from(config)
         .connect(name, io)
         .await?;
+    if !alpn.is_empty() {
+        // A server that agreed on none would be taken for one that speaks the protocol.
+        let agreed = stream.get_ref().1.alpn_protocol();
+        if !agreed.is_some_and(|agreed| alpn.contains(&agreed)) {
+            let agreed = agreed.map(String::from_utf8_lossy);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the server agreed on no protocol offered by ALPN (it chose {agreed:?})"),
+            ));
+        }
+    }
     Ok(ByteStream::new(stream))
 }

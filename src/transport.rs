@@ -46,6 +46,65 @@ impl ByteStream {
     }
 }
 
+/// Why a URL's authority is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum BadAuthority {
+    /// Not an authority one can connect to, and why.
+    Invalid(&'static str),
+    EmptyHost,
+    /// A port of digits, out of `1..=65535`.
+    PortOutOfRange(String),
+}
+
+/// The host (an IPv6 address keeps its brackets) and port of a URL's authority, as RFC 3986 and
+/// RFC 6455 say: `host [":" port]`; no user info (which would be sent nowhere, or taken for the
+/// host by a careless split); an IP literal is an IPv6 address in brackets (IPvFuture names no
+/// address one can connect to); a port of digits only (no sign, which `u64::from_str` takes) in
+/// `1..=65535`; an empty or absent port is `default_port`.
+pub(crate) fn authority_of(
+    authority: &str,
+    default_port: u16,
+) -> Result<(String, u16), BadAuthority> {
+    use BadAuthority::Invalid;
+    if authority.contains('@') {
+        return Err(Invalid("user info is not allowed"));
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, tail)) => {
+                if v6.parse::<std::net::Ipv6Addr>().is_err() {
+                    return Err(Invalid("not an IPv6 address in brackets"));
+                }
+                let port = match tail {
+                    "" => None,
+                    _ => match tail.strip_prefix(':') {
+                        Some(port) => Some(port),
+                        None => return Err(Invalid("text after the IPv6 host")),
+                    },
+                };
+                (format!("[{v6}]"), port)
+            }
+            None => return Err(Invalid("unclosed IPv6 host")),
+        },
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host.to_string(), Some(port)),
+            None => (authority.to_string(), None),
+        },
+    };
+    if host.is_empty() {
+        return Err(BadAuthority::EmptyHost);
+    }
+    let port = match port {
+        None | Some("") => default_port,
+        Some(digits) if digits.bytes().all(|b| b.is_ascii_digit()) => match digits.parse::<u64>() {
+            Ok(port @ 1..=65535) => port as u16,
+            _ => return Err(BadAuthority::PortOutOfRange(digits.to_string())),
+        },
+        Some(_) => return Err(Invalid("a port of other than digits")),
+    };
+    Ok((host, port))
+}
+
 /// A transport's error as an `io::Error`: the error itself if it is one, or with the kind of
 /// the first `io::Error` among its sources (a refused connect stays `ConnectionRefused` through
 /// a wrapper), or `Other`.

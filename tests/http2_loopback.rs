@@ -500,3 +500,140 @@ async fn a_call_to_a_peer_that_never_answers_is_bounded_by_the_callers_timeout()
     );
     assert_eq!(handle.ledger().close_timeouts, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaways_under_load_are_normal_ends_and_no_call_fails_but_unsent_ones() {
+    let server = Server::start("127.0.0.1:0".parse().unwrap()).await;
+    let (channel, handle) = channel(server.addr).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = JoinSet::new();
+    for _ in 0..8 {
+        let (mut channel, stop) = (channel.clone(), Arc::clone(&stop));
+        callers.spawn(async move {
+            let (mut ok, mut unsent, mut other) = (0, 0, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                match call(&mut channel, "/echo", "load").await {
+                    Ok(_) => ok += 1,
+                    Err(e) if matches!(e.downcast_ref(), Some(H2Error::NotSent(_))) => unsent += 1,
+                    Err(e) => other.push(e.to_string()),
+                }
+            }
+            (ok, unsent, other)
+        });
+    }
+    for _ in 0..5 {
+        tokio::time::sleep(STABLE * 2).await; // each connection up for the stable period
+        server.goaway();
+    }
+    tokio::time::sleep(STABLE).await;
+    stop.store(true, Ordering::SeqCst);
+    let (mut ok, mut unsent) = (0, 0);
+    while let Some(outcome) = callers.join_next().await {
+        let (o, u, other) = outcome.unwrap();
+        assert!(
+            other.is_empty(),
+            "calls failed otherwise than unsent: {other:?}"
+        );
+        ok += o;
+        unsent += u;
+    }
+    let ledger = handle.ledger();
+    assert_eq!(
+        ledger.failures, 0,
+        "every GOAWAY is a normal end: {ledger:?}"
+    );
+    assert_eq!(ledger.ended, 5, "{ledger:?}");
+    assert!(ok > 100, "{ok} calls, {unsent} unsent");
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+    server.wait_open(0).await;
+}
+
+#[tokio::test]
+async fn the_calls_queued_at_a_disconnect_all_finish() {
+    let server = Server::start("127.0.0.1:0".parse().unwrap()).await;
+    let (channel, handle) = channel(server.addr).await;
+    let mut calls = JoinSet::new();
+    for i in 0..50 {
+        let mut channel = channel.clone();
+        calls.spawn(async move {
+            call(&mut channel, "/slow/50", if i % 2 == 0 { "a" } else { "b" }).await
+        });
+    }
+    // The calls are made (counted in flight), most not yet written, when the disconnect comes.
+    let (_, conn) = handle.connection::<H2Connection<Body>>().unwrap();
+    timeout(WAIT, async {
+        while conn.in_flight() < 50 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(format!("{conn:?}").contains("in_flight: 50"), "{conn:?}");
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+    while let Some(call) = calls.join_next().await {
+        call.unwrap()
+            .expect("a call made before the disconnect finishes");
+    }
+    server.wait_open(0).await;
+}
+
+/// A request body that is pending once, then panics when polled again.
+struct PanickingBody(bool);
+
+impl http_body::Body for PanickingBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if !self.0 {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        panic!("the user's body panics");
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_request_body_leaves_the_connection_and_its_other_calls() {
+    type Boxed = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+    let server = Server::start("127.0.0.1:0".parse().unwrap()).await;
+    let layer = http2::layer(&format!("http://{}", server.addr))
+        .unwrap()
+        .with_close_timeout(Duration::from_millis(500));
+    let handle = layer.handle();
+    let mut channel = tower::Layer::layer(&layer, H2Connector::<Boxed>::new());
+    handle.connect().unwrap();
+    let epoch = connected(&handle).await;
+    let panics = http::Request::post("/echo")
+        .body(PanickingBody(false).boxed_unsync())
+        .unwrap();
+    // Its stream waits for a body that will never come: the caller's timeout bounds it.
+    let ready = channel.ready().await.unwrap();
+    let cut = timeout(Duration::from_millis(300), ready.call(panics)).await;
+    assert!(
+        cut.is_err(),
+        "the call with the panicking body is cut by the caller"
+    );
+    let fine = http::Request::post("/echo")
+        .body(
+            Full::new(Bytes::from("fine"))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .unwrap();
+    let response = timeout(WAIT, channel.ready().await.unwrap().call(fine))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "fine"
+    );
+    assert_eq!(handle.epoch(), epoch, "the same connection");
+    assert_eq!(handle.ledger().failures, 0);
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+}

@@ -27,6 +27,17 @@ async fn tls_server() -> (
     CertificateDer<'static>,
     Arc<Mutex<Vec<Option<Vec<u8>>>>>,
 ) {
+    tls_server_offering(vec![b"h2".to_vec()]).await
+}
+
+/// The same server, offering `alpn` (none: it agrees on no protocol).
+async fn tls_server_offering(
+    alpn: Vec<Vec<u8>>,
+) -> (
+    std::net::SocketAddr,
+    CertificateDer<'static>,
+    Arc<Mutex<Vec<Option<Vec<u8>>>>>,
+) {
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     let cert = certified.cert.der().clone();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
@@ -36,7 +47,7 @@ async fn tls_server() -> (
         .with_no_client_auth()
         .with_single_cert(vec![cert.clone()], key)
         .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -115,4 +126,22 @@ async fn an_untrusted_certificate_is_a_tls_error() {
         .await
         .unwrap_err();
     assert!(matches!(error, H2Error::Tls(_)), "{error:?}");
+}
+
+#[tokio::test]
+async fn a_server_that_agrees_on_no_protocol_is_a_tls_error() {
+    let (addr, cert, _) = tls_server_offering(Vec::new()).await;
+    let mut connector = H2Connector::<Full<Bytes>>::new().with_tls(trusting(cert));
+    let target = format!("https://{addr}").parse().unwrap();
+    let error = connector
+        .ready()
+        .await
+        .unwrap()
+        .call(target)
+        .await
+        .unwrap_err();
+    let H2Error::Tls(io) = &error else {
+        panic!("a TLS error, not {error:?}");
+    };
+    assert!(io.to_string().contains("ALPN"), "{io}");
 }

@@ -20,7 +20,10 @@ use super::tasks::Tasks;
 use crate::BoxError;
 
 /// One HTTP/2 connection, made by [`H2Connector`](super::H2Connector): a cheap-to-clone
-/// `Service<Request<B>>` answering `Response<H2Body>`.
+/// `Service<Request<B>>` answering `Response<H2Body>`, for use under [`layer`](super::layer):
+/// the layer's monitor drives its socket (without it, nothing does), and its `poll_ready`
+/// stays pending once the connection has ended, until the layer's service moves on to the
+/// next connection.
 ///
 /// A request whose URI has no scheme and authority (tonic's, which carry only the path) is
 /// sent to the connection's own origin.
@@ -190,7 +193,14 @@ where
         if self.is_closing() {
             return Poll::Ready(Err(H2Error::Closing));
         }
-        self.send.poll_ready(cx).map_err(H2Error::Request)
+        match self.send.poll_ready(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            // hyper's dispatch has ended (a GOAWAY, or the socket closed): the monitor reports
+            // it in the same poll of the driver, and the layer's service, woken by the
+            // release, goes on to the next connection. An error here would be a failure of a
+            // connection that may have ended normally.
+            Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
+        }
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
@@ -204,9 +214,13 @@ where
             Err(error) => return fail(error),
         };
         let in_flight = InFlight::new(&self.shared);
-        let sent = self.send.send_request(Request::from_parts(parts, body));
+        let sent = self.send.try_send_request(Request::from_parts(parts, body));
         Box::pin(async move {
-            let response = sent.await.map_err(H2Error::Request)?;
+            let response = sent.await.map_err(|mut error| {
+                // Given back: hyper never wrote it (its dispatch had ended).
+                let unsent = error.take_message().is_some();
+                H2Error::of_request(error.into_error(), unsent)
+            })?;
             Ok(response.map(|body| H2Body {
                 body,
                 in_flight: Some(in_flight),

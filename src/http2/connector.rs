@@ -18,7 +18,7 @@ use super::connection::H2Connection;
 use super::error::H2Error;
 use super::tasks::Tasks;
 use crate::BoxError;
-use crate::transport::{ByteStream, TcpConnector, io_error};
+use crate::transport::{BadAuthority, ByteStream, TcpConnector, authority_of, io_error};
 
 /// A tower service that opens HTTP/2 connections (prior knowledge over `http`, ALPN `h2` over
 /// `https` with the `tls` feature): `Service<Uri>` answering an [`H2Connection<B>`], where `B`
@@ -88,6 +88,11 @@ impl<B> H2Connector<B> {
 
 /// The largest flow-control window HTTP/2 allows (RFC 9113, 6.9.1).
 const MAX_WINDOW: u32 = (1 << 31) - 1;
+/// The smallest window the connector takes: HTTP/2's initial one (RFC 9113, 6.9.2). h2 opens a
+/// window as the data it let in is read, so a window of 0 would never open.
+const MIN_WINDOW: u32 = 65_535;
+/// The longest keep-alive interval or timeout.
+const MAX_KEEP_ALIVE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The frame sizes HTTP/2 allows (RFC 9113, 6.5.2).
 const FRAME_SIZES: std::ops::RangeInclusive<u32> = (1 << 14)..=((1 << 24) - 1);
 
@@ -107,24 +112,27 @@ impl<B, T> H2Connector<B, T> {
 
     /// Sends a keep-alive ping every `interval`, also while no request is in flight, and
     /// fails the connection when its pong has not come within `timeout`: a half-open
-    /// connection is found without waiting for a request. Both must be longer than zero.
+    /// connection is found without waiting for a request. Both must be longer than zero and at
+    /// most a year (hyper adds them to instants, which a larger one overflows).
     pub fn keep_alive(mut self, interval: Duration, timeout: Duration) -> Result<Self, H2Error> {
-        if interval.is_zero() || timeout.is_zero() {
+        let fits = |d: Duration| !d.is_zero() && d <= MAX_KEEP_ALIVE;
+        if !fits(interval) || !fits(timeout) {
             return Err(H2Error::Setting(format!(
-                "keep_alive({interval:?}, {timeout:?}): both must be longer than zero"
+                "keep_alive({interval:?}, {timeout:?}): both must be longer than zero and at \
+                 most {MAX_KEEP_ALIVE:?}"
             )));
         }
         self.settings.keep_alive = Some((interval, timeout));
         Ok(self)
     }
 
-    /// The initial flow-control windows of each stream and of the connection, in bytes (at most
-    /// 2^31 - 1). Turns the adaptive window off.
+    /// The initial flow-control windows of each stream and of the connection, in bytes: from
+    /// 65,535 (HTTP/2's initial window) to 2^31 - 1. Turns the adaptive window off.
     pub fn window_sizes(mut self, stream: u32, connection: u32) -> Result<Self, H2Error> {
         for (name, size) in [("stream", stream), ("connection", connection)] {
-            if size > MAX_WINDOW {
+            if !(MIN_WINDOW..=MAX_WINDOW).contains(&size) {
                 return Err(H2Error::Setting(format!(
-                    "{name} window of {size} bytes is above the maximum of {MAX_WINDOW}"
+                    "{name} window of {size} bytes is outside {MIN_WINDOW}..={MAX_WINDOW}"
                 )));
             }
         }
@@ -232,42 +240,16 @@ pub(crate) fn check(uri: &Uri) -> Result<Target, H2Error> {
         other => return Err(H2Error::UnsupportedScheme(other.unwrap_or("").to_string())),
     };
     let authority = uri.authority().map(Authority::as_str).unwrap_or("");
-    if authority.contains('@') {
-        return Err(H2Error::InvalidUrl(format!(
-            "user info is not allowed in {uri}"
-        )));
-    }
-    let host = uri.host().unwrap_or("");
-    if host.is_empty() {
-        return Err(H2Error::InvalidUrl(format!("no host in {uri}")));
-    }
-    let port = match authority.rsplit_once(':').filter(|(_, p)| !p.contains(']')) {
-        None | Some((_, "")) => {
-            if secure {
-                443
-            } else {
-                80
-            }
-        }
-        // RFC 3986 3.2.3: `port = *DIGIT`, so no sign (which `u64::from_str` would take).
-        Some((_, digits)) if !digits.bytes().all(|b| b.is_ascii_digit()) => {
-            return Err(H2Error::InvalidUrl(format!(
-                "a port of other than digits in {uri}"
-            )));
-        }
-        Some((_, digits)) => match digits.parse::<u64>() {
-            Ok(port @ 1..=65535) => port as u16,
-            _ => return Err(H2Error::PortOutOfRange(digits.to_string())),
-        },
-    };
+    let (host, port) =
+        authority_of(authority, if secure { 443 } else { 80 }).map_err(|bad| match bad {
+            BadAuthority::Invalid(why) => H2Error::InvalidUrl(format!("{why} in {uri}")),
+            BadAuthority::EmptyHost => H2Error::InvalidUrl(format!("no host in {uri}")),
+            BadAuthority::PortOutOfRange(port) => H2Error::PortOutOfRange(port),
+        })?;
     if secure && !cfg!(feature = "tls") {
         return Err(H2Error::TlsUnavailable);
     }
-    Ok(Target {
-        secure,
-        host: host.to_string(),
-        port,
-    })
+    Ok(Target { secure, host, port })
 }
 
 impl<B, T> Service<Uri> for H2Connector<B, T>
@@ -371,6 +353,11 @@ mod tests {
             ("grpc://h/", "scheme grpc".into()),
             ("/just/a/path", "scheme ".into()),
             ("http://user@h/", "invalid".into()),
+            ("http://[]:80/", "invalid".into()),
+            ("http://[zz]/", "invalid".into()),
+            ("http://[1.2.3.4]/", "invalid".into()),
+            ("http://[fe80::1%25eth0]/", "invalid".into()),
+            ("http://[::1]x:80/", "invalid".into()),
             ("http://h:+80/", "invalid".into()),
             ("http://h:8o/", "invalid".into()),
         ];
@@ -397,13 +384,26 @@ mod tests {
         assert!(c().window_sizes(MAX_WINDOW + 1, 65_535).is_err());
         assert!(c().window_sizes(65_535, MAX_WINDOW + 1).is_err());
         assert!(c().window_sizes(MAX_WINDOW, MAX_WINDOW).is_ok());
+        assert!(c().window_sizes(MIN_WINDOW, MIN_WINDOW).is_ok());
+        assert!(c().window_sizes(0, MIN_WINDOW).is_err());
+        assert!(c().window_sizes(MIN_WINDOW, MIN_WINDOW - 1).is_err());
+        let year = MAX_KEEP_ALIVE;
+        assert!(c().keep_alive(year, year).is_ok());
+        assert!(
+            c().keep_alive(Duration::MAX, Duration::from_secs(5))
+                .is_err()
+        );
+        assert!(
+            c().keep_alive(Duration::from_secs(5), year + Duration::from_secs(1))
+                .is_err()
+        );
         assert!(c().max_frame_size((1 << 14) - 1).is_err());
         assert!(c().max_frame_size(1 << 24).is_err());
         assert!(c().max_frame_size(1 << 14).is_ok());
         let error = c().window_sizes(u32::MAX, 1).unwrap_err().to_string();
         assert_eq!(
             error,
-            "invalid http/2 setting: stream window of 4294967295 bytes is above the maximum of 2147483647"
+            "invalid http/2 setting: stream window of 4294967295 bytes is outside 65535..=2147483647"
         );
     }
 

@@ -42,6 +42,12 @@ pub enum H2Error {
     /// with it.
     #[error("the http/2 request failed")]
     Request(#[source] hyper::Error),
+    /// The request never reached the server: its connection was ending (a GOAWAY, or the
+    /// socket closed before hyper wrote it), or the server refused the stream unprocessed
+    /// (`REFUSED_STREAM`, or above a GOAWAY's last stream, RFC 9113 8.7). Sending it again, on
+    /// the next connection, is safe even for a call that is not idempotent.
+    #[error("the http/2 request was not sent")]
+    NotSent(#[source] hyper::Error),
     /// The request was made on a connection that has been released (a copy kept past its
     /// connection's end): make it again through the reconnecting service.
     #[error("the http/2 connection is closing")]
@@ -49,14 +55,26 @@ pub enum H2Error {
 }
 
 impl H2Error {
+    /// The error of a request: [`H2Error::NotSent`] when hyper gave the request back
+    /// (`unsent`) or the server refused it unprocessed, [`H2Error::Request`] otherwise.
+    pub(super) fn of_request(error: hyper::Error, unsent: bool) -> H2Error {
+        if unsent || unprocessed(&error) {
+            H2Error::NotSent(error)
+        } else {
+            H2Error::Request(error)
+        }
+    }
+
     /// Whether this error means the connection failed, not only the request: the default
     /// failure predicate of [`layer`](super::layer).
     ///
-    /// Connection-level: the connection was closed or the request canceled by its end, an I/O
-    /// error, a GOAWAY with an error code, a connection error, a keep-alive timeout.
-    /// Request-level: a stream reset by the peer (`RST_STREAM`, as for a refused or cancelled
-    /// call), a GOAWAY without an error (a graceful stop: the monitor reconnects at once),
-    /// errors of the request's own body or headers, and [`H2Error::Closing`].
+    /// Connection-level: an I/O error, a GOAWAY with an error code, a connection error of the
+    /// protocol, a keep-alive timeout.
+    /// Not: a stream reset by the peer (`RST_STREAM`), [`H2Error::NotSent`] (a graceful end:
+    /// the monitor reports it, and the layer reconnects at once), a request canceled or cut by
+    /// the connection's end without an error of its own (the monitor reports that end, as a
+    /// failure or not), errors of the request's own body or headers, and
+    /// [`H2Error::Closing`].
     pub fn is_connection_failure(&self) -> bool {
         match self {
             H2Error::Connection(_) => true,
@@ -66,22 +84,42 @@ impl H2Error {
     }
 }
 
-fn is_connection_level(error: &hyper::Error) -> bool {
-    if error.is_closed() || error.is_canceled() || error.is_timeout() {
-        return true;
-    }
+/// The h2 error among `error`'s sources, if any.
+fn h2_error(error: &hyper::Error) -> Option<&h2::Error> {
     let mut source: Option<&(dyn StdError + 'static)> = error.source();
     while let Some(cause) = source {
         if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            if h2.is_io() {
-                return true;
-            }
-            if h2.is_go_away() {
-                return h2.reason() != Some(h2::Reason::NO_ERROR);
-            }
-            // A reset stream is the request's; any other h2 error is the connection's.
-            return !h2.is_reset();
+            return Some(h2);
         }
+        source = cause.source();
+    }
+    None
+}
+
+/// Whether the server refused the request before processing it.
+fn unprocessed(error: &hyper::Error) -> bool {
+    h2_error(error).is_some_and(|h2| {
+        (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
+            || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+    })
+}
+
+fn is_connection_level(error: &hyper::Error) -> bool {
+    if error.is_timeout() {
+        return true;
+    }
+    if let Some(h2) = h2_error(error) {
+        if h2.is_io() {
+            return true;
+        }
+        if h2.is_go_away() {
+            return h2.reason() != Some(h2::Reason::NO_ERROR);
+        }
+        // A reset stream is the request's; any other h2 error is the connection's.
+        return !h2.is_reset();
+    }
+    let mut source: Option<&(dyn StdError + 'static)> = error.source();
+    while let Some(cause) = source {
         if cause.is::<io::Error>() {
             return true;
         }

@@ -24,6 +24,20 @@
 //!   TLS and the HTTP/2 handshake), its close timeout each teardown, and the keep-alive
 //!   ([`H2Connector::keep_alive`]) finds a half-open connection without a request.
 //!
+//! What it does not do (yet):
+//!
+//! - **The idle timeout counts calls until their response headers.**
+//!   [`with_idle_timeout`](crate::ReconnectLayer::with_idle_timeout) sees a call as done once
+//!   its response future is; a response body still streaming then (a gRPC server-streaming
+//!   call) is cut by the idle close at the close timeout. Leave the idle timeout off (the
+//!   default) for streaming calls, or set it longer than the longest stream.
+//! - **Unsent requests are not sent again by the channel.** A request that never reached the
+//!   server (its connection was ending) fails with [`H2Error::NotSent`], which a retry layer can
+//!   resend safely, idempotent or not.
+//! - **A dropped driver closes the connection when its last copy goes.** After the driver is
+//!   dropped (not after a disconnect), a copy of the connection kept by a service or by you
+//!   keeps its socket, unpolled, until that copy is dropped.
+//!
 //! # In a `ServiceBuilder` stack
 //!
 //! ```

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 
@@ -31,6 +32,15 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, task: F) {
+        // A task that panics (one polling a request body of the user's, say) ends alone, as on
+        // tokio's executor, instead of taking the connection's other tasks with it.
+        let task = std::panic::AssertUnwindSafe(task)
+            .catch_unwind()
+            .map(|ended| {
+                if ended.is_err() {
+                    tracing::warn!("a task of an http/2 connection panicked; the others go on");
+                }
+            });
         let _ = self.0.send(Box::pin(task));
     }
 }
@@ -204,6 +214,25 @@ mod tests {
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(tasks.poll_all(&mut cx).is_pending());
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_ends_alone() {
+        let (mut tasks, spawner) = Tasks::new();
+        let done = Arc::new(AtomicUsize::new(0));
+        spawner.execute(async { panic!("a body of the user's") });
+        let after = Arc::clone(&done);
+        spawner.execute(async move {
+            tokio::task::yield_now().await;
+            after.fetch_add(1, Ordering::SeqCst);
+        });
+        drop(spawner);
+        std::future::poll_fn(|cx| tasks.poll_all(cx)).await;
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            1,
+            "the other task ran to its end"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tower_service::Service;
 
 use super::error::WsError;
 use crate::BoxError;
-use crate::transport::{ByteStream, TcpConnector, io_error};
+use crate::transport::{BadAuthority, ByteStream, TcpConnector, authority_of, io_error};
 
 /// Where a WebSocket connection goes, checked before any socket is opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,57 +42,13 @@ pub(crate) fn endpoint_of(request: &Request) -> Result<Endpoint, WsError> {
         Some(s) if s.eq_ignore_ascii_case("wss") => true,
         other => return Err(WsError::UnsupportedScheme(other.unwrap_or("").to_string())),
     };
-    let invalid = |why: &str| Err(WsError::InvalidUrl(format!("{why} in {uri}")));
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
-    // RFC 6455 3: a ws URI is `host [":" port]`, no user info (which would otherwise be sent
-    // nowhere, or taken for the host by a careless split).
-    if authority.contains('@') {
-        return invalid("user info is not allowed");
-    }
-    let (host, port) = match authority.strip_prefix('[') {
-        // RFC 3986 3.2.2: an IP literal is an IPv6 address in brackets (IPvFuture names no
-        // address one can connect to).
-        Some(rest) => match rest.split_once(']') {
-            Some((v6, tail)) => {
-                if v6.parse::<std::net::Ipv6Addr>().is_err() {
-                    return invalid("not an IPv6 address in brackets");
-                }
-                let port = match tail {
-                    "" => None,
-                    _ => match tail.strip_prefix(':') {
-                        Some(port) => Some(port),
-                        None => return invalid("text after the IPv6 host"),
-                    },
-                };
-                (format!("[{v6}]"), port)
-            }
-            None => return invalid("unclosed IPv6 host"),
-        },
-        None => match authority.split_once(':') {
-            Some((host, port)) => (host.to_string(), Some(port)),
-            None => (authority.to_string(), None),
-        },
-    };
-    if host.is_empty() {
-        return Err(WsError::EmptyHost);
-    }
-    let port = match port {
-        // RFC 3986 3.2.3: an empty port is the scheme's default.
-        None | Some("") => {
-            if secure {
-                443
-            } else {
-                80
-            }
-        }
-        // RFC 3986 3.2.3: `port = *DIGIT`, so no sign, no space (which `u64::from_str`
-        // would take: `+80`).
-        Some(digits) if digits.bytes().all(|b| b.is_ascii_digit()) => match digits.parse::<u64>() {
-            Ok(port @ 1..=65535) => port as u16,
-            _ => return Err(WsError::PortOutOfRange(digits.to_string())),
-        },
-        Some(_) => return invalid("a port of other than digits"),
-    };
+    let (host, port) =
+        authority_of(authority, if secure { 443 } else { 80 }).map_err(|bad| match bad {
+            BadAuthority::Invalid(why) => WsError::InvalidUrl(format!("{why} in {uri}")),
+            BadAuthority::EmptyHost => WsError::EmptyHost,
+            BadAuthority::PortOutOfRange(port) => WsError::PortOutOfRange(port),
+        })?;
     if secure && !cfg!(feature = "tls") {
         return Err(WsError::TlsUnavailable);
     }
