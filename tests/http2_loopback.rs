@@ -241,14 +241,7 @@ async fn a_request_in_flight_at_the_disconnect_finishes_then_the_socket_closes()
         tokio::spawn(async move { call(&mut channel, "/slow/300", "late").await })
     };
     // The slow request is on the wire before the disconnect.
-    let (_, conn) = handle.connection::<H2Connection<Body>>().unwrap();
-    timeout(WAIT, async {
-        while conn.in_flight() == 0 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .unwrap();
+    in_flight(&handle).await;
 
     timeout(WAIT, handle.disconnect()).await.unwrap();
     assert_eq!(
