@@ -105,6 +105,16 @@ pub(crate) fn authority_of(
     Ok((host, port))
 }
 
+/// What a connector calls its transport with: `scheme://host:port/`, the checked URL's scheme
+/// and authority with the port always given.
+pub(crate) fn transport_uri(scheme: &str, host: &str, port: u16) -> Result<Uri, http::Error> {
+    Uri::builder()
+        .scheme(scheme)
+        .authority(format!("{host}:{port}"))
+        .path_and_query("/")
+        .build()
+}
+
 /// A transport's error as an `io::Error`: the error itself if it is one, or with the kind of
 /// the first `io::Error` among its sources (a refused connect stays `ConnectionRefused` through
 /// a wrapper), or `Other`.

@@ -222,11 +222,7 @@ impl Target {
 
     /// What the transport is called with: the scheme and authority, nothing else.
     fn transport_uri(&self) -> Result<Uri, H2Error> {
-        Uri::builder()
-            .scheme(self.scheme())
-            .authority(self.authority()?)
-            .path_and_query("/")
-            .build()
+        crate::transport::transport_uri(self.scheme().as_str(), &self.host, self.port)
             .map_err(|e| H2Error::InvalidUrl(e.to_string()))
     }
 }

@@ -256,11 +256,7 @@ fn lower_case_scheme(request: &mut Request, endpoint: &Endpoint) -> Result<(), W
 /// The URI the transport is called with: the endpoint's scheme and authority, nothing else.
 fn transport_uri(endpoint: &Endpoint) -> Result<Uri, WsError> {
     let scheme = if endpoint.secure { "wss" } else { "ws" };
-    Uri::builder()
-        .scheme(scheme)
-        .authority(format!("{}:{}", endpoint.host, endpoint.port))
-        .path_and_query("/")
-        .build()
+    crate::transport::transport_uri(scheme, &endpoint.host, endpoint.port)
         .map_err(|e| WsError::InvalidUrl(e.to_string()))
 }
 
