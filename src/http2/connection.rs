@@ -222,8 +222,10 @@ where
                 H2Error::of_request(error.into_error(), unsent)
             })?;
             Ok(response.map(|body| H2Body {
-                body,
-                in_flight: Some(in_flight),
+                live: Some(Live {
+                    body,
+                    _in_flight: in_flight,
+                }),
             }))
         })
     }
@@ -231,15 +233,25 @@ where
 
 /// The body of a response of an [`H2Connection`]: hyper's, counted as in flight on its
 /// connection until it is read to its end or dropped.
+///
+/// At its end (its last frame, or an error) it lets go of hyper's body at once, and with it
+/// the HTTP/2 stream: a body held after its end keeps neither the request in flight nor the
+/// connection's closing waiting.
 pub struct H2Body {
+    /// `None` once the body has ended.
+    live: Option<Live>,
+}
+
+/// A body that has not ended yet.
+struct Live {
     body: hyper::body::Incoming,
-    in_flight: Option<InFlight>,
+    _in_flight: InFlight,
 }
 
 impl std::fmt::Debug for H2Body {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("H2Body")
-            .field("done", &self.in_flight.is_none())
+            .field("done", &self.live.is_none())
             .finish_non_exhaustive()
     }
 }
@@ -252,18 +264,25 @@ impl Body for H2Body {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, H2Error>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
-        if !matches!(frame, Some(Ok(_))) || self.body.is_end_stream() {
-            self.in_flight = None;
+        let Some(live) = self.live.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(Pin::new(&mut live.body).poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) || live.body.is_end_stream() {
+            self.live = None;
         }
         Poll::Ready(frame.map(|f| f.map_err(H2Error::Request)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.live
+            .as_ref()
+            .is_none_or(|live| live.body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        self.live
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), |live| live.body.size_hint())
     }
 }

@@ -383,7 +383,8 @@ mod tests {
         assert!(c().window_sizes(MIN_WINDOW, MIN_WINDOW).is_ok());
         assert!(c().window_sizes(0, MIN_WINDOW).is_err());
         assert!(c().window_sizes(MIN_WINDOW, MIN_WINDOW - 1).is_err());
-        let year = MAX_KEEP_ALIVE;
+        // A year, at most: 365 days of 86,400 seconds.
+        let year = Duration::from_secs(31_536_000);
         assert!(c().keep_alive(year, year).is_ok());
         assert!(
             c().keep_alive(Duration::MAX, Duration::from_secs(5))
@@ -396,11 +397,64 @@ mod tests {
         assert!(c().max_frame_size((1 << 14) - 1).is_err());
         assert!(c().max_frame_size(1 << 24).is_err());
         assert!(c().max_frame_size(1 << 14).is_ok());
+        assert!(
+            c().keep_alive(year + Duration::from_nanos(1), Duration::from_secs(5))
+                .is_err()
+        );
         let error = c().window_sizes(u32::MAX, 1).unwrap_err().to_string();
         assert_eq!(
             error,
             "invalid http/2 setting: stream window of 4294967295 bytes is outside 65535..=2147483647"
         );
+    }
+
+    #[test]
+    fn a_connector_shows_its_settings() {
+        let connector = H2Connector::<http_body_util::Empty<Bytes>>::new()
+            .keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .unwrap();
+        let shown = format!("{connector:?}");
+        assert!(
+            shown.starts_with("H2Connector { settings: Settings { keep_alive: Some((1s, 2s))"),
+            "{shown}"
+        );
+    }
+
+    /// A transport that is not ready when first asked, then fails.
+    struct Unready(usize);
+
+    impl Service<Uri> for Unready {
+        type Response = tokio::io::DuplexStream;
+        type Error = std::io::Error;
+        type Future = std::future::Ready<std::io::Result<tokio::io::DuplexStream>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.0 += 1;
+            if self.0 == 1 {
+                Poll::Pending
+            } else {
+                Poll::Ready(Err(std::io::ErrorKind::ConnectionRefused.into()))
+            }
+        }
+
+        fn call(&mut self, _: Uri) -> Self::Future {
+            std::future::ready(Err(std::io::Error::other("called without readiness")))
+        }
+    }
+
+    #[test]
+    fn the_connector_is_ready_when_its_transport_is() {
+        let mut connector =
+            H2Connector::<http_body_util::Empty<Bytes>>::new().with_transport(Unready(0));
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(connector.poll_ready(&mut cx).is_pending());
+        match connector.poll_ready(&mut cx) {
+            Poll::Ready(Err(H2Error::Io(e))) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+            }
+            other => panic!("the transport's error, not {other:?}"),
+        }
     }
 
     use bytes::Bytes;

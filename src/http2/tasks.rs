@@ -216,6 +216,38 @@ mod tests {
         assert!(tasks.poll_all(&mut cx).is_pending());
     }
 
+    #[test]
+    fn a_set_with_nothing_to_do_waits_without_waking_itself() {
+        struct Wakes(AtomicUsize);
+        impl std::task::Wake for Wakes {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let (mut tasks, spawner) = Tasks::new();
+        let (_release, wait) = tokio::sync::oneshot::channel::<()>();
+        spawner.execute(async move {
+            let _ = wait.await;
+        });
+        // The first poll takes the task in (and FuturesUnordered, having polled every future
+        // it holds, asks to be polled again)...
+        let noop = futures_util::task::noop_waker();
+        assert!(tasks.poll_all(&mut Context::from_waker(&noop)).is_pending());
+        // ...the second finds nothing to do.
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&wakes));
+        assert!(
+            tasks
+                .poll_all(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            0,
+            "an idle set must wait for its tasks' wake-ups, not spin"
+        );
+    }
+
     #[tokio::test]
     async fn a_task_that_panics_ends_alone() {
         let (mut tasks, spawner) = Tasks::new();

@@ -1,0 +1,480 @@
+//! The HTTP/2 transport against a peer written here that speaks HTTP/2 frame by frame. It sends
+//! exactly what a real server sends only under load or by chance: a refused stream, a GOAWAY
+//! below a stream the client opened, a GOAWAY with an error code, a limit of one stream at a
+//! time, a body in two frames with a pause between. So each outcome is tested every run.
+#![cfg(feature = "http2")]
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tower::{Service, ServiceExt};
+use tower_epoch::http2::{self, H2Connection, H2Connector, H2Error, H2Monitor};
+use tower_epoch::teardown::Monitor;
+use tower_epoch::{BoxError, Epoch, Handle, Reconnect, State};
+
+/// Every wait of these tests.
+const WAIT: Duration = Duration::from_secs(10);
+
+type Body = Full<Bytes>;
+type Channel = Reconnect<H2Connection<Body>>;
+
+/// What a client sends first (RFC 9113, 3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+// Frame types and flags (RFC 9113, 6).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const ACK: u8 = 0x1;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+// Error codes (RFC 9113, 7).
+const NO_ERROR: u32 = 0x0;
+const REFUSED_STREAM: u32 = 0x7;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// `:status: 200` in HPACK (RFC 7541): entry 8 of the static table.
+const STATUS_200: u8 = 0x88;
+
+/// The server's side of one HTTP/2 connection, frame by frame.
+struct Peer(TcpStream);
+
+impl Peer {
+    /// Accepts a connection, takes the client's preface, and sends the server's SETTINGS.
+    async fn accept(listener: &TcpListener, settings: &[(u16, u32)]) -> io::Result<Peer> {
+        let (socket, _) = listener.accept().await?;
+        let mut peer = Peer(socket);
+        let mut preface = [0; 24];
+        peer.0.read_exact(&mut preface).await?;
+        assert_eq!(&preface, PREFACE);
+        let payload: Vec<u8> = settings
+            .iter()
+            .flat_map(|(id, value)| id.to_be_bytes().into_iter().chain(value.to_be_bytes()))
+            .collect();
+        peer.send(SETTINGS, 0, 0, &payload).await?;
+        Ok(peer)
+    }
+
+    async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) -> io::Result<()> {
+        let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut frame = Vec::with_capacity(9 + payload.len());
+        frame.extend_from_slice(&length[1..]);
+        frame.extend_from_slice(&[kind, flags]);
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        self.0.write_all(&frame).await
+    }
+
+    /// Reads frames until the client opens a stream (a HEADERS frame), and answers its
+    /// SETTINGS and PINGs on the way: the stream's id, or `None` once the client has closed
+    /// the socket.
+    async fn next_stream(&mut self) -> io::Result<Option<u32>> {
+        loop {
+            let mut head = [0; 9];
+            match self.0.read_exact(&mut head).await {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0; length];
+            self.0.read_exact(&mut payload).await?;
+            match kind {
+                HEADERS => return Ok(Some(stream)),
+                SETTINGS if flags & ACK == 0 => self.send(SETTINGS, ACK, 0, &[]).await?,
+                PING if flags & ACK == 0 => self.send(PING, ACK, 0, &payload).await?,
+                // DATA, WINDOW_UPDATE, acknowledgements, the client's own RST_STREAM or GOAWAY.
+                _ => {}
+            }
+        }
+    }
+
+    /// A request the test counts on.
+    async fn request(&mut self) -> io::Result<u32> {
+        self.next_stream()
+            .await?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no request came"))
+    }
+
+    /// Answers `stream` with 200 and no body.
+    async fn respond(&mut self, stream: u32) -> io::Result<()> {
+        self.send(HEADERS, END_HEADERS | END_STREAM, stream, &[STATUS_200])
+            .await
+    }
+
+    async fn reset(&mut self, stream: u32, code: u32) -> io::Result<()> {
+        self.send(RST_STREAM, 0, stream, &code.to_be_bytes()).await
+    }
+
+    async fn goaway(&mut self, last_stream: u32, code: u32) -> io::Result<()> {
+        let mut payload = last_stream.to_be_bytes().to_vec();
+        payload.extend_from_slice(&code.to_be_bytes());
+        self.send(GOAWAY, 0, 0, &payload).await
+    }
+
+    /// Answers every stream the client opens, until it closes the socket.
+    async fn answer_all(mut self) -> io::Result<()> {
+        while let Some(stream) = self.next_stream().await? {
+            self.respond(stream).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A server on 127.0.0.1 whose first connection (with `settings`) follows `script`, and whose
+/// later ones answer every request. The handle ends with the script: once the client has
+/// closed that first connection, as each script waits for.
+async fn serve<S, F>(
+    settings: &'static [(u16, u32)],
+    script: S,
+) -> (SocketAddr, JoinHandle<io::Result<()>>)
+where
+    S: FnOnce(Peer) -> F + Send + 'static,
+    F: Future<Output = io::Result<()>> + Send,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first = tokio::spawn(async move {
+        let peer = Peer::accept(&listener, settings).await?;
+        tokio::spawn(async move {
+            while let Ok(peer) = Peer::accept(&listener, &[]).await {
+                tokio::spawn(peer.answer_all());
+            }
+        });
+        script(peer).await
+    });
+    (addr, first)
+}
+
+/// Waits for the script's end: the client closed the connection, and the script did all it
+/// was told.
+async fn script_done(script: JoinHandle<io::Result<()>>) {
+    timeout(WAIT, script)
+        .await
+        .expect("the client closes the connection")
+        .unwrap()
+        .expect("the peer's script ran");
+}
+
+/// A reconnecting channel to `addr`, connected, that waits `retry` after a failure.
+async fn channel(addr: SocketAddr, retry: Duration) -> (Channel, Handle) {
+    let layer = http2::layer(&format!("http://{addr}"))
+        .unwrap()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_close_timeout(Duration::from_secs(2))
+        // Never stable within a test: a connection the server ends normally is an early end
+        // ([`tower_epoch::Error::EndedEarly`]), counted as a failure, every time.
+        .with_stable_after(WAIT)
+        .with_backoff(tower_epoch::backoff::Schedule::new([retry]).unwrap());
+    let handle = layer.handle();
+    let channel = tower::Layer::layer(&layer, H2Connector::<Body>::new());
+    handle.connect().unwrap();
+    handle
+        .wait_for(WAIT, State::is_connected)
+        .await
+        .expect("connected");
+    (channel, handle)
+}
+
+async fn call(channel: &mut Channel) -> Result<Bytes, BoxError> {
+    let request = http::Request::get("/").body(Body::default())?;
+    let response = timeout(WAIT, channel.ready().await?.call(request)).await??;
+    Ok(response.into_body().collect().await?.to_bytes())
+}
+
+fn h2_error(error: &BoxError) -> &H2Error {
+    error
+        .downcast_ref::<H2Error>()
+        .unwrap_or_else(|| panic!("an H2Error, not {error:?}"))
+}
+
+#[tokio::test]
+async fn a_refused_stream_was_not_sent_and_the_connection_stays() {
+    let (addr, script) = serve(&[], |mut peer| async move {
+        let refused = peer.request().await?;
+        peer.reset(refused, REFUSED_STREAM).await?;
+        peer.answer_all().await
+    })
+    .await;
+    let (mut channel, handle) = channel(addr, Duration::from_millis(20)).await;
+    let epoch = handle.epoch();
+
+    let error = call(&mut channel).await.unwrap_err();
+    let h2 = h2_error(&error);
+    assert!(matches!(h2, H2Error::NotSent(_)), "{h2:?}");
+    assert!(!h2.is_connection_failure(), "{h2:?}");
+    call(&mut channel).await.expect("the next call is answered");
+    assert_eq!(handle.epoch(), epoch, "the same connection");
+    assert_eq!(handle.ledger().failures, 0);
+
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+    script_done(script).await;
+}
+
+/// Waits for a connection newer than `epoch`.
+async fn connected_after(handle: &Handle, epoch: Epoch) {
+    handle
+        .wait_for(WAIT, |s| s.is_connected() && s.epoch() > Some(epoch))
+        .await
+        .expect("connected again");
+}
+
+#[tokio::test]
+async fn a_goaway_below_a_stream_leaves_it_unsent_and_the_stream_under_it_finishes() {
+    let (addr, script) = serve(&[], |mut peer| async move {
+        let (first, second) = (peer.request().await?, peer.request().await?);
+        let (below, above) = (first.min(second), first.max(second));
+        // The stream above the GOAWAY's last one is refused unprocessed (RFC 9113, 6.8).
+        peer.goaway(below, NO_ERROR).await?;
+        peer.respond(below).await?;
+        assert_eq!(
+            peer.next_stream().await?,
+            None,
+            "{above} is not sent again here"
+        );
+        Ok(())
+    })
+    .await;
+    let (channel, handle) = channel(addr, Duration::from_millis(20)).await;
+    let first = handle.epoch();
+
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let mut channel = channel.clone();
+            tokio::spawn(async move { call(&mut channel).await })
+        })
+        .collect();
+    let (mut answered, mut unsent) = (0, 0);
+    for outcome in calls {
+        match outcome.await.unwrap() {
+            Ok(_) => answered += 1,
+            Err(error) => {
+                let h2 = h2_error(&error);
+                assert!(matches!(h2, H2Error::NotSent(_)), "{h2:?}");
+                assert!(!h2.is_connection_failure(), "{h2:?}");
+                unsent += 1;
+            }
+        }
+    }
+    assert_eq!((answered, unsent), (1, 1));
+
+    // A GOAWAY without an error is a normal end (ended), early (the failure of the ledger), and
+    // the next connection comes after the backoff.
+    connected_after(&handle, first).await;
+    let ledger = handle.ledger();
+    assert_eq!((ledger.ended, ledger.failures), (1, 1), "{ledger:?}");
+    let mut channel = channel;
+    call(&mut channel)
+        .await
+        .expect("answered on the new connection");
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+    script_done(script).await;
+}
+
+#[tokio::test]
+async fn a_goaway_with_an_error_code_fails_the_call_and_the_connection() {
+    let (addr, script) = serve(&[], |mut peer| async move {
+        peer.request().await?;
+        // Last stream 0: the stream in flight was not processed, and the server is in
+        // trouble.
+        peer.goaway(0, ENHANCE_YOUR_CALM).await?;
+        while peer.next_stream().await?.is_some() {}
+        Ok(())
+    })
+    .await;
+    let (mut channel, handle) = channel(addr, Duration::from_secs(60)).await;
+
+    let error = call(&mut channel).await.unwrap_err();
+    let Some(tower_epoch::Error::ConnectionFailed(cause)) = error.downcast_ref() else {
+        panic!("a failure of the connection, not {error:?}");
+    };
+    let h2 = cause
+        .downcast_ref::<H2Error>()
+        .unwrap_or_else(|| panic!("an H2Error, not {cause:?}"));
+    assert!(matches!(h2, H2Error::Request(_)), "{h2:?}");
+    assert!(h2.is_connection_failure(), "{h2:?}");
+    handle
+        .wait_for(WAIT, |s| matches!(s, State::WaitingToRetry { .. }))
+        .await
+        .expect("a failure waits for the backoff");
+    assert_eq!(handle.ledger().failures, 1);
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+    script_done(script).await;
+}
+
+#[tokio::test]
+async fn a_goaway_with_an_error_code_and_no_call_is_the_monitors_failure() {
+    let (addr, script) = serve(&[], |mut peer| async move {
+        let stream = peer.request().await?;
+        peer.respond(stream).await?;
+        peer.goaway(stream, ENHANCE_YOUR_CALM).await?;
+        while peer.next_stream().await?.is_some() {}
+        Ok(())
+    })
+    .await;
+    let (mut channel, handle) = channel(addr, Duration::from_secs(60)).await;
+    call(&mut channel).await.expect("answered");
+
+    let state = handle
+        .wait_for(WAIT, |s| matches!(s, State::WaitingToRetry { .. }))
+        .await
+        .expect("the monitor reports the failure");
+    let State::WaitingToRetry { last_error, .. } = state else {
+        unreachable!()
+    };
+    let Some(tower_epoch::Error::ConnectionFailed(cause)) = last_error.downcast_ref() else {
+        panic!("a failure of the connection, not {last_error:?}");
+    };
+    let h2 = cause
+        .downcast_ref::<H2Error>()
+        .unwrap_or_else(|| panic!("an H2Error, not {cause:?}"));
+    assert!(matches!(h2, H2Error::Connection(_)), "{h2:?}");
+    assert!(h2.is_connection_failure(), "{h2:?}");
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+    script_done(script).await;
+}
+
+#[tokio::test]
+async fn the_teardown_waits_for_the_calls_queued_behind_the_servers_stream_limit() {
+    let (held, holding) = oneshot::channel();
+    let (release, released) = oneshot::channel::<()>();
+    let (addr, script) = serve(&[(MAX_CONCURRENT_STREAMS, 1)], |mut peer| async move {
+        let warm_up = peer.request().await?;
+        peer.respond(warm_up).await?;
+        // One stream at a time: the others wait in the client until this one is answered.
+        let first = peer.request().await?;
+        let _ = held.send(());
+        let _ = released.await;
+        peer.respond(first).await?;
+        peer.answer_all().await
+    })
+    .await;
+    let (mut channel, handle) = channel(addr, Duration::from_millis(20)).await;
+    // Answered after the SETTINGS frame, so the client knows the limit from now on.
+    call(&mut channel).await.expect("the warm-up call");
+
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let mut channel = channel.clone();
+        calls.spawn(async move { call(&mut channel).await });
+    }
+    let (_, conn) = handle.connection::<H2Connection<Body>>().unwrap();
+    timeout(WAIT, async {
+        while conn.in_flight() < 3 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    timeout(WAIT, holding).await.unwrap().unwrap();
+
+    let disconnecting = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.disconnect().await }
+    });
+    timeout(WAIT, async {
+        while !conn.is_closing() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    // The teardown runs on this thread: these yields let it go as far as it would go without
+    // the server, which must be to wait for the calls, not to end the connection under them.
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    release.send(()).unwrap();
+
+    while let Some(outcome) = timeout(WAIT, calls.join_next()).await.unwrap() {
+        outcome
+            .unwrap()
+            .expect("a call made before the disconnect is answered");
+    }
+    timeout(WAIT, disconnecting).await.unwrap().unwrap();
+    assert_eq!(
+        handle.ledger().close_timeouts,
+        0,
+        "the teardown ended drained"
+    );
+    script_done(script).await;
+}
+
+#[tokio::test]
+async fn a_response_body_is_in_flight_until_its_last_frame() {
+    let (release, released) = oneshot::channel::<()>();
+    let (addr, script) = serve(&[], |mut peer| async move {
+        let stream = peer.request().await?;
+        // 200, content-length: 10 (a literal with the static table's name 28).
+        let headers = [STATUS_200, 0x0f, 0x0d, 0x02, b'1', b'0'];
+        peer.send(HEADERS, END_HEADERS, stream, &headers).await?;
+        peer.send(DATA, 0, stream, b"hello").await?;
+        let _ = released.await;
+        peer.send(DATA, END_STREAM, stream, b"world").await?;
+        peer.answer_all().await
+    })
+    .await;
+    let (mut channel, handle) = channel(addr, Duration::from_millis(20)).await;
+    let (epoch, conn) = handle.connection::<H2Connection<Body>>().unwrap();
+    // A second monitor of the same connection holds none of its tasks: the installed one has
+    // them.
+    let idle = H2Monitor.monitor(&conn, epoch);
+    assert!(
+        format!("{idle:?}").starts_with("MonitorFuture { tasks: None"),
+        "{idle:?}"
+    );
+    drop(idle);
+
+    let request = http::Request::get("/").body(Body::default()).unwrap();
+    let response = timeout(WAIT, channel.ready().await.unwrap().call(request))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut body = response.into_body();
+    assert_eq!(body.size_hint().exact(), Some(10));
+    assert!(!body.is_end_stream());
+    assert_eq!(conn.in_flight(), 1);
+    assert!(format!("{body:?}").contains("done: false"), "{body:?}");
+
+    let frame = timeout(WAIT, body.frame()).await.unwrap().unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "hello");
+    assert_eq!(conn.in_flight(), 1, "the body is not over");
+    assert!(!body.is_end_stream());
+
+    release.send(()).unwrap();
+    let frame = timeout(WAIT, body.frame()).await.unwrap().unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "world");
+    // The last frame ends the request, while the body is still held.
+    assert!(body.is_end_stream());
+    assert_eq!(conn.in_flight(), 0);
+    assert!(format!("{body:?}").contains("done: true"), "{body:?}");
+    assert!(timeout(WAIT, body.frame()).await.unwrap().is_none());
+
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+    assert_eq!(handle.ledger().close_timeouts, 0);
+    script_done(script).await;
+}
