@@ -136,6 +136,12 @@ impl Peer {
         self.send(GOAWAY, 0, 0, &payload).await
     }
 
+    /// Reads what the client sends, answering nothing, until it closes the socket.
+    async fn closed(mut self) -> io::Result<()> {
+        while self.next_stream().await?.is_some() {}
+        Ok(())
+    }
+
     /// Answers every stream the client opens, until it closes the socket.
     async fn answer_all(mut self) -> io::Result<()> {
         while let Some(stream) = self.next_stream().await? {
@@ -295,6 +301,16 @@ async fn a_goaway_below_a_stream_leaves_it_unsent_and_the_stream_under_it_finish
     script_done(script).await;
 }
 
+/// The [`H2Error`] of `error`, a failure of the connection as the layer reports it.
+fn failure_cause<'e>(error: &'e (dyn std::error::Error + 'static)) -> &'e H2Error {
+    let Some(tower_epoch::Error::ConnectionFailed(cause)) = error.downcast_ref() else {
+        panic!("a failure of the connection, not {error:?}");
+    };
+    cause
+        .downcast_ref::<H2Error>()
+        .unwrap_or_else(|| panic!("an H2Error, not {cause:?}"))
+}
+
 #[tokio::test]
 async fn a_goaway_with_an_error_code_fails_the_call_and_the_connection() {
     let (addr, script) = serve(&[], |mut peer| async move {
@@ -302,19 +318,13 @@ async fn a_goaway_with_an_error_code_fails_the_call_and_the_connection() {
         // Last stream 0: the stream in flight was not processed, and the server is in
         // trouble.
         peer.goaway(0, ENHANCE_YOUR_CALM).await?;
-        while peer.next_stream().await?.is_some() {}
-        Ok(())
+        peer.closed().await
     })
     .await;
     let (mut channel, handle) = channel(addr, Duration::from_secs(60)).await;
 
     let error = call(&mut channel).await.unwrap_err();
-    let Some(tower_epoch::Error::ConnectionFailed(cause)) = error.downcast_ref() else {
-        panic!("a failure of the connection, not {error:?}");
-    };
-    let h2 = cause
-        .downcast_ref::<H2Error>()
-        .unwrap_or_else(|| panic!("an H2Error, not {cause:?}"));
+    let h2 = failure_cause(&*error);
     assert!(matches!(h2, H2Error::Request(_)), "{h2:?}");
     assert!(h2.is_connection_failure(), "{h2:?}");
     handle
@@ -332,8 +342,7 @@ async fn a_goaway_with_an_error_code_and_no_call_is_the_monitors_failure() {
         let stream = peer.request().await?;
         peer.respond(stream).await?;
         peer.goaway(stream, ENHANCE_YOUR_CALM).await?;
-        while peer.next_stream().await?.is_some() {}
-        Ok(())
+        peer.closed().await
     })
     .await;
     let (mut channel, handle) = channel(addr, Duration::from_secs(60)).await;
@@ -346,12 +355,7 @@ async fn a_goaway_with_an_error_code_and_no_call_is_the_monitors_failure() {
     let State::WaitingToRetry { last_error, .. } = state else {
         unreachable!()
     };
-    let Some(tower_epoch::Error::ConnectionFailed(cause)) = last_error.downcast_ref() else {
-        panic!("a failure of the connection, not {last_error:?}");
-    };
-    let h2 = cause
-        .downcast_ref::<H2Error>()
-        .unwrap_or_else(|| panic!("an H2Error, not {cause:?}"));
+    let h2 = failure_cause(&*last_error);
     assert!(matches!(h2, H2Error::Connection(_)), "{h2:?}");
     assert!(h2.is_connection_failure(), "{h2:?}");
     timeout(WAIT, handle.disconnect()).await.unwrap();
