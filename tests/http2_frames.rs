@@ -52,16 +52,32 @@ const ENHANCE_YOUR_CALM: u32 = 0xb;
 const STATUS_200: u8 = 0x88;
 
 /// The server's side of one HTTP/2 connection, frame by frame.
-struct Peer(TcpStream);
+struct Peer {
+    socket: TcpStream,
+    /// Bytes read and not yet taken as frames.
+    read: Vec<u8>,
+}
+
+/// A frame the client sent.
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
 
 impl Peer {
-    /// Accepts a connection, takes the client's preface, and sends the server's SETTINGS.
-    async fn accept(listener: &TcpListener, settings: &[(u16, u32)]) -> io::Result<Peer> {
-        let (socket, _) = listener.accept().await?;
-        let mut peer = Peer(socket);
+    /// Takes the client's preface on `socket`, and sends the server's SETTINGS.
+    async fn handshake(socket: TcpStream, settings: &[(u16, u32)]) -> io::Result<Peer> {
+        let mut peer = Peer {
+            socket,
+            read: Vec::new(),
+        };
         let mut preface = [0; 24];
-        peer.0.read_exact(&mut preface).await?;
-        assert_eq!(&preface, PREFACE);
+        peer.socket.read_exact(&mut preface).await?;
+        if &preface != PREFACE {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not a preface"));
+        }
         let payload: Vec<u8> = settings
             .iter()
             .flat_map(|(id, value)| id.to_be_bytes().into_iter().chain(value.to_be_bytes()))
@@ -77,40 +93,56 @@ impl Peer {
         frame.extend_from_slice(&[kind, flags]);
         frame.extend_from_slice(&stream.to_be_bytes());
         frame.extend_from_slice(payload);
-        self.0.write_all(&frame).await
+        self.socket.write_all(&frame).await
     }
 
-    /// Reads frames until the client opens a stream (a HEADERS frame), and answers its
-    /// SETTINGS and PINGs on the way: the stream's id, or `None` once the client has closed
-    /// the socket.
-    async fn next_stream(&mut self) -> io::Result<Option<u32>> {
+    /// The next frame the client sent, or `None` once it has closed the socket. Cancel-safe:
+    /// the bytes read stay in the buffer until a whole frame is there.
+    async fn next_frame(&mut self) -> io::Result<Option<Frame>> {
         loop {
-            let mut head = [0; 9];
-            match self.0.read_exact(&mut head).await {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
-                    ) =>
-                {
-                    return Ok(None);
+            if let [l0, l1, l2, kind, flags, s0, s1, s2, s3, ..] = self.read[..] {
+                let length = u32::from_be_bytes([0, l0, l1, l2]) as usize;
+                if self.read.len() >= 9 + length {
+                    let payload = self.read[9..9 + length].to_vec();
+                    self.read.drain(..9 + length);
+                    let stream = u32::from_be_bytes([s0, s1, s2, s3]) & 0x7fff_ffff;
+                    return Ok(Some(Frame {
+                        kind,
+                        flags,
+                        stream,
+                        payload,
+                    }));
                 }
+            }
+            match self.socket.read_buf(&mut self.read).await {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
                 Err(e) => return Err(e),
             }
-            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let (kind, flags) = (head[3], head[4]);
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            let mut payload = vec![0; length];
-            self.0.read_exact(&mut payload).await?;
-            match kind {
-                HEADERS => return Ok(Some(stream)),
-                SETTINGS if flags & ACK == 0 => self.send(SETTINGS, ACK, 0, &[]).await?,
-                PING if flags & ACK == 0 => self.send(PING, ACK, 0, &payload).await?,
-                // DATA, WINDOW_UPDATE, acknowledgements, the client's own RST_STREAM or GOAWAY.
-                _ => {}
-            }
         }
+    }
+
+    /// What a server must answer to `frame`: an acknowledgement of SETTINGS and PING. DATA,
+    /// WINDOW_UPDATE, acknowledgements and the client's own RST_STREAM or GOAWAY need none.
+    async fn acknowledge(&mut self, frame: &Frame) -> io::Result<()> {
+        match frame.kind {
+            SETTINGS if frame.flags & ACK == 0 => self.send(SETTINGS, ACK, 0, &[]).await,
+            PING if frame.flags & ACK == 0 => self.send(PING, ACK, 0, &frame.payload).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads frames until the client opens a stream (a HEADERS frame), acknowledging on the
+    /// way: the stream's id, or `None` once the client has closed the socket.
+    async fn next_stream(&mut self) -> io::Result<Option<u32>> {
+        while let Some(frame) = self.next_frame().await? {
+            if frame.kind == HEADERS {
+                return Ok(Some(frame.stream));
+            }
+            self.acknowledge(&frame).await?;
+        }
+        Ok(None)
     }
 
     /// A request the test counts on.
@@ -165,13 +197,13 @@ where
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let first = tokio::spawn(async move {
-        let peer = Peer::accept(&listener, settings).await?;
+        let (socket, _) = listener.accept().await?;
         tokio::spawn(async move {
-            while let Ok(peer) = Peer::accept(&listener, &[]).await {
-                tokio::spawn(peer.answer_all());
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(async move { Peer::handshake(socket, &[]).await?.answer_all().await });
             }
         });
-        script(peer).await
+        script(Peer::handshake(socket, settings).await?).await
     });
     (addr, first)
 }
@@ -315,8 +347,9 @@ fn failure_cause<'e>(error: &'e (dyn std::error::Error + 'static)) -> &'e H2Erro
 async fn a_goaway_with_an_error_code_fails_the_call_and_the_connection() {
     let (addr, script) = serve(&[], |mut peer| async move {
         peer.request().await?;
-        // Last stream 0: the stream in flight was not processed, and the server is in
-        // trouble.
+        // An error code: the server is in trouble. The stream in flight is above the last
+        // stream (0), but h2 gives it the same error as one below it would get, so the client
+        // cannot say it was unprocessed: a failed request, not `NotSent`.
         peer.goaway(0, ENHANCE_YOUR_CALM).await?;
         peer.closed().await
     })
@@ -372,7 +405,20 @@ async fn the_teardown_waits_for_the_calls_queued_behind_the_servers_stream_limit
         // One stream at a time: the others wait in the client until this one is answered.
         let first = peer.request().await?;
         let _ = held.send(());
-        let _ = released.await;
+        // Until the release, no other stream may open: the calls wait in the client, where
+        // only a teardown that waits for them lets them through.
+        let mut released = released;
+        loop {
+            tokio::select! {
+                biased;
+                frame = peer.next_frame() => {
+                    let frame = frame?.ok_or_else(|| io::Error::other("closed while held"))?;
+                    assert_ne!(frame.kind, HEADERS, "a stream past the server's limit");
+                    peer.acknowledge(&frame).await?;
+                }
+                _ = &mut released => break,
+            }
+        }
         peer.respond(first).await?;
         peer.answer_all().await
     })
@@ -444,14 +490,24 @@ async fn a_response_body_is_in_flight_until_its_last_frame() {
     .await;
     let (mut channel, handle) = channel(addr, Duration::from_millis(20)).await;
     let (epoch, conn) = handle.connection::<H2Connection<Body>>().unwrap();
-    // A second monitor of the same connection holds none of its tasks: the installed one has
-    // them.
-    let idle = H2Monitor.monitor(&conn, epoch);
+    // The installed monitor holds the connection's tasks: a second one finds none to drive.
+    let mut second = H2Monitor.monitor(&conn, epoch);
     assert!(
-        format!("{idle:?}").starts_with("MonitorFuture { tasks: None"),
-        "{idle:?}"
+        format!("{second:?}").starts_with("MonitorFuture { tasks: None"),
+        "{second:?}"
     );
-    drop(idle);
+    let waker = futures_util::task::noop_waker();
+    let polled = std::pin::Pin::new(&mut second).poll(&mut std::task::Context::from_waker(&waker));
+    match polled {
+        std::task::Poll::Ready(Err(error)) => {
+            assert!(
+                matches!(error.downcast_ref(), Some(H2Error::Closing)),
+                "{error:?}"
+            );
+        }
+        other => panic!("nothing to drive, not {other:?}"),
+    }
+    drop(second);
 
     let request = http::Request::get("/").body(Body::default()).unwrap();
     let response = timeout(WAIT, channel.ready().await.unwrap().call(request))
@@ -474,6 +530,7 @@ async fn a_response_body_is_in_flight_until_its_last_frame() {
     assert_eq!(frame.into_data().unwrap(), "world");
     // The last frame ends the request, while the body is still held.
     assert!(body.is_end_stream());
+    assert_eq!(body.size_hint().exact(), Some(0));
     assert_eq!(conn.in_flight(), 0);
     assert!(format!("{body:?}").contains("done: true"), "{body:?}");
     assert!(timeout(WAIT, body.frame()).await.unwrap().is_none());
@@ -481,4 +538,28 @@ async fn a_response_body_is_in_flight_until_its_last_frame() {
     timeout(WAIT, handle.disconnect()).await.unwrap();
     assert_eq!(handle.ledger().close_timeouts, 0);
     script_done(script).await;
+}
+
+#[tokio::test]
+async fn a_body_that_ended_with_its_headers_holds_nothing_even_unread() {
+    let (addr, script) = serve(&[], |peer| peer.answer_all()).await;
+    let (mut channel, handle) = channel(addr, Duration::from_millis(20)).await;
+    let (_, conn) = handle.connection::<H2Connection<Body>>().unwrap();
+    let request = http::Request::get("/").body(Body::default()).unwrap();
+    // END_STREAM on the HEADERS: a consumer that trusts `is_end_stream` never polls the body.
+    let response = timeout(WAIT, channel.ready().await.unwrap().call(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(response.body().is_end_stream());
+    assert_eq!(conn.in_flight(), 0);
+
+    timeout(WAIT, handle.disconnect()).await.unwrap();
+    assert_eq!(
+        handle.ledger().close_timeouts,
+        0,
+        "the held response kept nothing"
+    );
+    script_done(script).await;
+    drop(response);
 }

@@ -221,8 +221,10 @@ where
                 let unsent = error.take_message().is_some();
                 H2Error::of_request(error.into_error(), unsent)
             })?;
+            // A body that ended with the headers (END_STREAM on them) is over now: a consumer
+            // that trusts `is_end_stream` never polls it.
             Ok(response.map(|body| H2Body {
-                live: Some(Live {
+                live: (!body.is_end_stream()).then(|| Live {
                     body,
                     _in_flight: in_flight,
                 }),

@@ -44,7 +44,9 @@ pub enum H2Error {
     Request(#[source] hyper::Error),
     /// The request never reached the server: its connection was ending (a GOAWAY, or the
     /// socket closed before hyper wrote it), or the server refused the stream unprocessed
-    /// (`REFUSED_STREAM`, or above a GOAWAY's last stream, RFC 9113 8.7). Sending it again, on
+    /// (`REFUSED_STREAM`, or above the last stream of a GOAWAY without an error code, RFC 9113
+    /// 8.7; h2 gives a stream above the last one of a GOAWAY with an error code the same error
+    /// as one below it, so such a request is a failed [`H2Error::Request`]). Sending it again, on
     /// the next connection, is safe even for a call that is not idempotent.
     #[error("the http/2 request was not sent")]
     NotSent(#[source] hyper::Error),
