@@ -244,7 +244,7 @@ async fn call(channel: &mut Channel) -> Result<Bytes, BoxError> {
     Ok(response.into_body().collect().await?.to_bytes())
 }
 
-fn h2_error(error: &BoxError) -> &H2Error {
+fn h2_error<'e>(error: &'e (dyn std::error::Error + 'static)) -> &'e H2Error {
     error
         .downcast_ref::<H2Error>()
         .unwrap_or_else(|| panic!("an H2Error, not {error:?}"))
@@ -262,7 +262,7 @@ async fn a_refused_stream_was_not_sent_and_the_connection_stays() {
     let epoch = handle.epoch();
 
     let error = call(&mut channel).await.unwrap_err();
-    let h2 = h2_error(&error);
+    let h2 = h2_error(&*error);
     assert!(matches!(h2, H2Error::NotSent(_)), "{h2:?}");
     assert!(!h2.is_connection_failure(), "{h2:?}");
     call(&mut channel).await.expect("the next call is answered");
@@ -311,7 +311,7 @@ async fn a_goaway_below_a_stream_leaves_it_unsent_and_the_stream_under_it_finish
         match outcome.await.unwrap() {
             Ok(_) => answered += 1,
             Err(error) => {
-                let h2 = h2_error(&error);
+                let h2 = h2_error(&*error);
                 assert!(matches!(h2, H2Error::NotSent(_)), "{h2:?}");
                 assert!(!h2.is_connection_failure(), "{h2:?}");
                 unsent += 1;
@@ -338,9 +338,7 @@ fn failure_cause<'e>(error: &'e (dyn std::error::Error + 'static)) -> &'e H2Erro
     let Some(tower_epoch::Error::ConnectionFailed(cause)) = error.downcast_ref() else {
         panic!("a failure of the connection, not {error:?}");
     };
-    cause
-        .downcast_ref::<H2Error>()
-        .unwrap_or_else(|| panic!("an H2Error, not {cause:?}"))
+    h2_error(&**cause)
 }
 
 #[tokio::test]
