@@ -236,9 +236,9 @@ where
 /// The body of a response of an [`H2Connection`]: hyper's, counted as in flight on its
 /// connection until it is read to its end or dropped.
 ///
-/// At its end (its last frame, or an error) it lets go of hyper's body at once, and with it
-/// the HTTP/2 stream: a body held after its end keeps neither the request in flight nor the
-/// connection's closing waiting.
+/// At its end (its last frame, an error, or the response's headers when they end the stream)
+/// it lets go of hyper's body at once, and with it the HTTP/2 stream: a body held after its
+/// end keeps neither the request in flight nor the connection's closing waiting.
 pub struct H2Body {
     /// `None` once the body has ended.
     live: Option<Live>,
